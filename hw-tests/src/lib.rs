@@ -1,0 +1,1 @@
+//! Tests that need root and a real kernel live in tests/.
