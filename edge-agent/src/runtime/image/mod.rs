@@ -1,0 +1,1 @@
+//! Images: pull, import, unpack, collect.
