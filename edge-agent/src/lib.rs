@@ -1,1 +1,6 @@
+//! Outpost's device agent.
+//!
+//! `runtime` runs workloads (images, OCI spec, shims); `cli` is the command line.
+
+pub mod cli;
 pub mod runtime;
