@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, and the hw-tests that need root, a real
+# kernel and a local registry. Run as root on Debian 12; installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "the hw-tests need root (namespaces, cgroups, mounts): run scripts/test.sh as root" >&2
+    exit 1
+fi
+echo "==> building"
+cargo build --workspace --all-targets --quiet
+echo "==> testing"
+cargo test --workspace --no-fail-fast

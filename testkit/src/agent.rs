@@ -1,0 +1,153 @@
+//! Drives the real edge-agent binary the way an operator does, each instance
+//! with its own data and run directories and its own cgroup, so tests run in
+//! parallel and clean up after themselves.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Panics with the reason when the test cannot run here: never a silent skip.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (namespaces, cgroups, mounts): run it as root, as CI does");
+    }
+}
+
+/// The edge-agent binary of this workspace, built once per test process.
+pub fn agent_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--quiet", "-p", "edge-agent", "--bin", "edge-agent"])
+            .current_dir(workspace)
+            .status()
+            .expect("cannot run cargo to build edge-agent");
+        assert!(status.success(), "building edge-agent failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+        target.join("debug").join("edge-agent")
+    })
+}
+
+pub struct Agent {
+    pub data: TempDir,
+    pub run: TempDir,
+    pub cgroup_parent: String,
+    pub extra_args: Vec<String>,
+}
+
+impl Agent {
+    pub fn new() -> Self {
+        require_root();
+        let data = tempfile::Builder::new().prefix("outpost-data-").tempdir().expect("temp dir");
+        let run = tempfile::Builder::new().prefix("outpost-run-").tempdir().expect("temp dir");
+        let cgroup_parent = format!("outpost-test-{}", run.path().file_name().unwrap().to_string_lossy());
+        Self { data, run, cgroup_parent, extra_args: Vec::new() }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(agent_binary());
+        command
+            .arg("--data-dir")
+            .arg(self.data.path())
+            .arg("--run-dir")
+            .arg(self.run.path())
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .args(&self.extra_args);
+        command
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("cannot run edge-agent")
+    }
+
+    /// Runs a subcommand that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.exec(args);
+        assert!(out.status.success(), "edge-agent {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a subcommand that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.exec(args);
+        assert!(!out.status.success(), "edge-agent {args:?} succeeded but should have failed: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Writes a spec file and runs it.
+    pub fn run_spec(&self, spec: &str) -> String {
+        let file = self.data.path().join(format!("spec-{}.toml", unique()));
+        std::fs::write(&file, spec).unwrap();
+        self.ok(&["run", "-f", file.to_str().unwrap()])
+    }
+
+    pub fn run_spec_fails(&self, spec: &str) -> String {
+        let file = self.data.path().join(format!("spec-{}.toml", unique()));
+        std::fs::write(&file, spec).unwrap();
+        self.fails(&["run", "-f", file.to_str().unwrap()])
+    }
+
+    /// `ps --json` for one workload.
+    pub fn workload(&self, name: &str) -> Value {
+        let list: Value = serde_json::from_str(&self.ok(&["ps", "--json"])).expect("ps --json is JSON");
+        list.as_array().unwrap().iter().find(|w| w["name"] == name).cloned().unwrap_or(Value::Null)
+    }
+
+    /// Polls `ps` until `check` holds, or panics with the last state seen.
+    pub fn wait_for(&self, name: &str, timeout: Duration, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let w = self.workload(name);
+            if check(&w) {
+                return w;
+            }
+            if Instant::now() > deadline {
+                panic!("workload {name} never became {what} within {timeout:?}; last seen: {w:#}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn logs(&self, name: &str) -> String {
+        self.ok(&["logs", name])
+    }
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let Ok(out) = self.command().args(["ps", "--json"]).output() else { return };
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        for w in list.as_array().into_iter().flatten() {
+            if let Some(name) = w["name"].as_str() {
+                let _ = self.command().args(["rm", name]).output();
+            }
+        }
+        for controller in ["memory", "cpu", "cpuacct", "pids", "cpuset", "devices", "freezer", "blkio", "systemd", "unified"] {
+            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(controller).join(&self.cgroup_parent));
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The state `ps` shows.
+pub fn state(w: &Value) -> &str {
+    w["state"].as_str().unwrap_or("")
+}
