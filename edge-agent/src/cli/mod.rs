@@ -1,8 +1,12 @@
 //! Subcommands, one file each. `anyhow` with context lives here, at the edge;
 //! the runtime's errors are typed.
 
+mod gc;
+mod images;
+mod import;
 mod logs;
 mod ps;
+mod pull;
 mod rm;
 mod run;
 mod shim;
@@ -56,6 +60,14 @@ pub enum Command {
     Stop(stop::StopArgs),
     /// Stop a workload and delete it (its named volumes stay).
     Rm(rm::RmArgs),
+    /// Pull an image from a registry; an interrupted download resumes where it stopped.
+    Pull(pull::PullArgs),
+    /// Import images from an OCI layout directory or archive (for sites with no link).
+    Import(import::ImportArgs),
+    /// List the images on this device.
+    Images(images::ImagesArgs),
+    /// Remove the images no workload uses.
+    Gc(gc::GcArgs),
     /// The per-workload supervisor process; started by the agent, not by hand.
     #[command(hide = true)]
     Shim(shim::ShimArgs),
@@ -81,6 +93,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start(args) => start::run(&supervisor, args),
         Command::Stop(args) => stop::run(&supervisor, args),
         Command::Rm(args) => rm::run(&supervisor, args),
+        Command::Pull(args) => block_on(pull::run(supervisor.paths(), &cli.insecure_registries, args))?,
+        Command::Import(args) => import::run(supervisor.paths(), args),
+        Command::Images(args) => images::run(supervisor.paths(), args),
+        Command::Gc(args) => gc::run(supervisor.paths(), args),
         Command::Shim(_) => unreachable!("handled above"),
     }
 }

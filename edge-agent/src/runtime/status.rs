@@ -109,12 +109,16 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Field 22 of /proc/PID/stat; the command name (field 2) may hold spaces, so
-/// count from the closing parenthesis.
+/// Field 22 of /proc/PID/stat, for a process that has not exited; the
+/// command name (field 2) may hold spaces, so count from the closing
+/// parenthesis. A zombie counts as exited: its parent may be slow to reap it.
 pub fn process_start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_comm = &stat[stat.rfind(')')? + 2..];
-    after_comm.split(' ').nth(19)?.parse().ok()
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 #[cfg(test)]

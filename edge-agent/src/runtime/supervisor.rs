@@ -32,6 +32,8 @@ pub enum RuntimeError {
     NotRoot,
     #[error("workload `{0}` already exists: remove it first with `edge-agent rm {0}`")]
     AlreadyExists(String),
+    #[error("workload `{0}` is already running (stop it first with `edge-agent stop {0}`)")]
+    AlreadyRunning(String),
     #[error("no workload named `{0}` (see `edge-agent ps`)")]
     NotFound(String),
     #[error(transparent)]
@@ -129,7 +131,7 @@ impl Supervisor {
         }
         if let Ok(status) = WorkloadStatus::read(&workload.status()) {
             if status.shim_alive() {
-                return Err(RuntimeError::AlreadyExists(name.to_string()));
+                return Err(RuntimeError::AlreadyRunning(name.to_string()));
             }
         }
         let io = |action: &'static str| move |source| RuntimeError::Io { name: name.to_string(), action, source };
@@ -188,11 +190,9 @@ impl Supervisor {
         if let Ok(status) = WorkloadStatus::read(&workload.status()) {
             if status.shim_alive() {
                 let _ = kill(Pid::from_raw(status.shim_pid), Signal::SIGTERM);
-                while Instant::now() < deadline {
-                    match WorkloadStatus::read(&workload.status()) {
-                        Ok(s) if s.state.is_final() || !s.shim_alive() => break,
-                        _ => std::thread::sleep(Duration::from_millis(20)),
-                    }
+                // The shim publishes its final state, then exits: wait for both.
+                while Instant::now() < deadline && status.shim_alive() {
+                    std::thread::sleep(Duration::from_millis(10));
                 }
             }
         }
