@@ -1,0 +1,578 @@
+//! Pulling from an OCI distribution registry.
+//!
+//! oci-client's `pull()` holds every layer in memory; instead we fetch the
+//! manifest, then stream each blob into `partial/<hex>` and hash it as it
+//! arrives. A dropped connection resumes with an HTTP Range request from the
+//! bytes already on disk, also in a later process: the partial file is kept
+//! and fsync'd as it grows.
+
+use std::io::{Read, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol, SizedStream};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use oci_spec::image::{Descriptor, ImageManifest};
+use ota::{Digest, Hasher};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+use super::error::IoContext;
+use super::index;
+use super::oci::{self, Manifest};
+use super::store::sync_dir;
+use super::{Image, ImageError, ImageStore};
+
+/// fsync a growing partial download this often, so a crash loses little.
+const SYNC_EVERY: u64 = 4 << 20;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Registries (`host:port`) spoken to over plain HTTP; all others use HTTPS.
+    pub insecure_registries: Vec<String>,
+    /// Failed requests retried in a row before giving up; an attempt that
+    /// downloaded something resets the count.
+    pub retries: u32,
+    /// Wait before the first retry; doubles each time, up to 30 s.
+    pub backoff: Duration,
+    /// Connect timeout, and longest silence while reading.
+    pub timeout: Duration,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self {
+            insecure_registries: Vec::new(),
+            retries: 5,
+            backoff: Duration::from_millis(500),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Reports a pull as it goes. Blobs are named by digest.
+pub trait PullProgress: Send + Sync {
+    /// A download (re)starts at `resumed_from` bytes of `total`.
+    fn blob_started(&self, _digest: &str, _resumed_from: u64, _total: u64) {}
+    fn blob_progress(&self, _digest: &str, _done: u64, _total: u64) {}
+    /// The blob is complete and verified (or was already stored).
+    fn blob_done(&self, _digest: &str, _total: u64) {}
+    /// A request failed; the pull retries after `wait`.
+    fn retrying(&self, _what: &str, _attempt: u32, _wait: Duration, _error: &ImageError) {}
+    /// A layer blob is being unpacked.
+    fn unpacking(&self, _digest: &str) {}
+}
+
+/// Progress reports dropped.
+pub struct NoProgress;
+
+impl PullProgress for NoProgress {}
+
+impl ImageStore {
+    /// Pulls `reference` (by tag or by digest), stores and unpacks it, and
+    /// records it in the index. A tag is resolved to a digest now.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        opts: &PullOptions,
+        progress: &dyn PullProgress,
+    ) -> Result<Image, ImageError> {
+        let parsed = index::parse_reference(reference)?;
+        let store = self.clone();
+        let _lock = tokio::task::spawn_blocking(move || store.lock_shared())
+            .await
+            .expect("locking the store does not panic")?;
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(opts.insecure_registries.clone()),
+            connect_timeout: Some(opts.timeout),
+            read_timeout: Some(opts.timeout),
+            ..Default::default()
+        });
+        Puller {
+            store: self,
+            client,
+            registry: parsed.registry().to_string(),
+            reference: parsed,
+            opts,
+            progress,
+        }
+        .run()
+        .await
+    }
+}
+
+struct Puller<'a> {
+    store: &'a ImageStore,
+    client: Client,
+    reference: Reference,
+    registry: String,
+    opts: &'a PullOptions,
+    progress: &'a dyn PullProgress,
+}
+
+/// A failed request, and whether trying again may help.
+struct Failure {
+    error: ImageError,
+    transient: bool,
+}
+
+impl From<ImageError> for Failure {
+    fn from(error: ImageError) -> Self {
+        Self {
+            error,
+            transient: false,
+        }
+    }
+}
+
+impl Puller<'_> {
+    async fn run(&self) -> Result<Image, ImageError> {
+        let whole = self.reference.whole();
+        let (bytes, digest) = self.manifest(&self.reference).await?;
+        let (bytes, digest, manifest) = match oci::parse_manifest(&bytes, &whole)? {
+            Manifest::Image(manifest) => (bytes, digest, manifest),
+            Manifest::Index(index) => {
+                let entry = oci::descriptor_digest(oci::select_platform(&index, &whole)?)?;
+                let (bytes, digest) = self
+                    .manifest(&self.reference.clone_with_digest(entry.to_string()))
+                    .await?;
+                if digest != entry {
+                    return Err(ImageError::DigestMismatch {
+                        blob: entry.to_string(),
+                        actual: digest.to_string(),
+                    });
+                }
+                match oci::parse_manifest(&bytes, &whole)? {
+                    Manifest::Image(manifest) => (bytes, digest, manifest),
+                    Manifest::Index(_) => {
+                        return Err(ImageError::MalformedImage {
+                            what: whole,
+                            detail: "its index points at another index".to_string(),
+                        })
+                    }
+                }
+            }
+        };
+
+        self.fetch_blob(manifest.config()).await?;
+        for layer in manifest.layers() {
+            self.fetch_blob(layer).await?;
+        }
+        self.unpack_layers(&manifest, &whole).await?;
+        self.store.write_blob(&digest, &bytes)?;
+        self.store.record(&whole, &digest)?;
+        self.store.load_image(&whole, &digest.to_string())
+    }
+
+    /// A manifest's bytes and digest, checked against the reference's digest if it has one.
+    async fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, Digest), ImageError> {
+        let what = format!("manifest of {}", reference.whole());
+        let (bytes, _) = self
+            .retry(&what, || async {
+                self.client
+                    .pull_manifest_raw(reference, &RegistryAuth::Anonymous, oci::ACCEPTED_MANIFESTS)
+                    .await
+                    .map_err(|e| self.classify(e))
+            })
+            .await?;
+        let digest = Digest::of(&bytes);
+        if let Some(expected) = reference.digest() {
+            if expected != digest.to_string() {
+                return Err(ImageError::DigestMismatch {
+                    blob: expected.to_string(),
+                    actual: digest.to_string(),
+                });
+            }
+        }
+        Ok((bytes.to_vec(), digest))
+    }
+
+    /// Runs `request` until it succeeds, fails for good, or fails
+    /// `opts.retries` more times with backoff.
+    async fn retry<T, F, Fut>(&self, what: &str, mut request: F) -> Result<T, ImageError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let mut failures = 0;
+        loop {
+            match request().await {
+                Ok(value) => return Ok(value),
+                Err(Failure {
+                    error,
+                    transient: false,
+                }) => return Err(error),
+                Err(Failure { error, .. }) if failures >= self.opts.retries => return Err(error),
+                Err(Failure { error, .. }) => {
+                    failures += 1;
+                    let wait = self.backoff(failures);
+                    self.progress.retrying(what, failures, wait, &error);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        self.opts
+            .backoff
+            .saturating_mul(1 << (failures - 1).min(16))
+            .min(MAX_BACKOFF)
+    }
+
+    /// Downloads a blob into the store unless it is there, resuming what an
+    /// earlier attempt (or process) left in `partial/`.
+    async fn fetch_blob(&self, desc: &Descriptor) -> Result<(), ImageError> {
+        let digest = oci::descriptor_digest(desc)?;
+        let name = digest.to_string();
+        let size = desc.size();
+        if self.store.has_blob(&digest) {
+            self.progress.blob_done(&name, size);
+            return Ok(());
+        }
+        let path = self.store.partial_path(&digest);
+        let (lock, hasher) = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || open_partial(&path))
+                .await
+                .expect("opening a partial download does not panic")?
+        };
+        // Another process may have finished it while we waited for the lock.
+        if self.store.has_blob(&digest) {
+            self.progress.blob_done(&name, size);
+            return Ok(());
+        }
+        let mut file = tokio::fs::File::from_std(lock.try_clone().at(&path)?);
+        file.seek(SeekFrom::End(0)).await.at(&path)?;
+        let mut download = Download {
+            file,
+            hasher,
+            path: path.clone(),
+            name: name.clone(),
+            size,
+        };
+        if download.hasher.byte_count() > size {
+            download.restart().await?;
+        }
+
+        let mut failures = 0;
+        loop {
+            let before = download.hasher.byte_count();
+            match self.attempt(&mut download).await {
+                Ok(()) => break,
+                Err(Failure {
+                    error,
+                    transient: false,
+                }) => {
+                    if matches!(
+                        error,
+                        ImageError::DigestMismatch { .. } | ImageError::SizeMismatch { .. }
+                    ) {
+                        // Resuming bad content cannot make it good.
+                        drop(std::fs::remove_file(&path));
+                    }
+                    return Err(error);
+                }
+                Err(Failure { error, .. }) => {
+                    if download.hasher.byte_count() > before {
+                        failures = 0;
+                    }
+                    if failures >= self.opts.retries {
+                        return Err(ImageError::DownloadFailed {
+                            blob: name,
+                            registry: self.registry.clone(),
+                            attempts: failures + 1,
+                            detail: error.to_string(),
+                        });
+                    }
+                    failures += 1;
+                    let wait = self.backoff(failures);
+                    self.progress.retrying(&name, failures, wait, &error);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+
+        let Download { file, hasher, .. } = download;
+        file.sync_all().await.at(&path)?;
+        let actual = hasher.finish();
+        if actual != digest {
+            drop(std::fs::remove_file(&path));
+            return Err(ImageError::DigestMismatch {
+                blob: name,
+                actual: actual.to_string(),
+            });
+        }
+        self.store.install_blob(&path, &digest)?;
+        sync_dir(&self.store.partial_dir())?;
+        drop(lock);
+        self.progress.blob_done(&name, size);
+        Ok(())
+    }
+
+    /// One request for the rest of a blob.
+    async fn attempt(&self, download: &mut Download) -> Result<(), Failure> {
+        let offset = download.hasher.byte_count();
+        if offset < download.size {
+            let layer = download.name.as_str();
+            let stream = if offset == 0 {
+                self.client
+                    .pull_blob_stream(&self.reference, layer)
+                    .await
+                    .map_err(|e| self.classify(e))?
+            } else {
+                match self
+                    .client
+                    .pull_blob_stream_partial(&self.reference, layer, offset, None)
+                    .await
+                    .map_err(|e| self.classify(e))?
+                {
+                    BlobResponse::Partial(stream) => stream,
+                    // The registry ignored the Range: take the whole blob from the start.
+                    BlobResponse::Full(stream) => {
+                        download.restart().await?;
+                        stream
+                    }
+                }
+            };
+            self.progress
+                .blob_started(&download.name, download.hasher.byte_count(), download.size);
+            let received = self.receive(download, stream).await;
+            download.file.flush().await.at(&download.path)?;
+            received?;
+        }
+        if download.hasher.byte_count() < download.size {
+            return Err(Failure {
+                error: ImageError::Registry {
+                    registry: self.registry.clone(),
+                    detail: format!("the download of {} ended early", download.name),
+                },
+                transient: true,
+            });
+        }
+        Ok(())
+    }
+
+    async fn receive(
+        &self,
+        download: &mut Download,
+        mut stream: SizedStream,
+    ) -> Result<(), Failure> {
+        let mut unsynced = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let bytes = chunk.map_err(|e| self.stream_failure(&download.name, e))?;
+            let done = download.hasher.byte_count() + bytes.len() as u64;
+            if done > download.size {
+                return Err(ImageError::SizeMismatch {
+                    blob: download.name.clone(),
+                    expected: download.size,
+                    actual: done,
+                }
+                .into());
+            }
+            download.file.write_all(&bytes).await.at(&download.path)?;
+            download.hasher.update(&bytes);
+            unsynced += bytes.len() as u64;
+            if unsynced >= SYNC_EVERY {
+                download.file.sync_data().await.at(&download.path)?;
+                unsynced = 0;
+            }
+            self.progress
+                .blob_progress(&download.name, done, download.size);
+        }
+        Ok(())
+    }
+
+    async fn unpack_layers(&self, manifest: &ImageManifest, whole: &str) -> Result<(), ImageError> {
+        let config_digest = oci::descriptor_digest(manifest.config())?;
+        let config = oci::parse_config(&self.store.read_blob(&config_digest)?, whole)?;
+        let diff_ids = oci::diff_ids(&config, manifest, whole)?;
+        for (layer, diff_id) in manifest.layers().iter().zip(diff_ids) {
+            let compression = oci::layer_compression(layer)?;
+            let digest = oci::descriptor_digest(layer)?;
+            if self.store.layer_path(&diff_id).is_dir() {
+                continue;
+            }
+            self.progress.unpacking(&digest.to_string());
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || {
+                store.ensure_layer(
+                    &store.blob_path(&digest),
+                    &digest.to_string(),
+                    compression,
+                    &diff_id,
+                )
+            })
+            .await
+            .expect("unpacking does not panic")?;
+        }
+        Ok(())
+    }
+
+    /// Sorts a client error into what the operator should hear, and whether
+    /// retrying may help.
+    fn classify(&self, error: OciDistributionError) -> Failure {
+        let reference = self.reference.whole();
+        let registry = self.registry.clone();
+        let not_found = || ImageError::NotFound {
+            reference: reference.clone(),
+            registry: registry.clone(),
+        };
+        let unauthorized = || ImageError::Unauthorized {
+            reference: reference.clone(),
+            registry: registry.clone(),
+        };
+        let other = |detail: String, transient: bool| Failure {
+            error: ImageError::Registry {
+                registry: registry.clone(),
+                detail,
+            },
+            transient,
+        };
+        match error {
+            OciDistributionError::RequestError(e) if e.is_connect() => Failure {
+                error: ImageError::RegistryUnreachable {
+                    registry,
+                    detail: chain(&e),
+                },
+                transient: true,
+            },
+            OciDistributionError::RequestError(e) => other(chain(&e), true),
+            OciDistributionError::RegistryError { envelope, .. } => {
+                let codes: Vec<_> = envelope.errors.iter().map(|e| &e.code).collect();
+                if codes.iter().any(|c| {
+                    matches!(
+                        c,
+                        OciErrorCode::ManifestUnknown
+                            | OciErrorCode::NameUnknown
+                            | OciErrorCode::NotFound
+                            | OciErrorCode::BlobUnknown
+                    )
+                }) {
+                    not_found().into()
+                } else if codes
+                    .iter()
+                    .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
+                {
+                    unauthorized().into()
+                } else {
+                    let busy = codes
+                        .iter()
+                        .any(|c| matches!(c, OciErrorCode::Toomanyrequests));
+                    other(envelope.to_string(), busy)
+                }
+            }
+            OciDistributionError::ServerError { code: 404, .. }
+            | OciDistributionError::ImageManifestNotFoundError(_) => not_found().into(),
+            OciDistributionError::ServerError {
+                code: 401 | 403, ..
+            }
+            | OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::AuthenticationFailure(_) => unauthorized().into(),
+            OciDistributionError::ServerError { code, message, .. } => other(
+                format!("HTTP {code}: {message}"),
+                code == 429 || code >= 500,
+            ),
+            OciDistributionError::DigestError(DigestError::VerificationError {
+                expected,
+                actual,
+            }) => ImageError::DigestMismatch {
+                blob: expected,
+                actual,
+            }
+            .into(),
+            OciDistributionError::UnsupportedMediaTypeError(media_type) => {
+                ImageError::UnsupportedMediaType {
+                    what: reference,
+                    media_type,
+                }
+                .into()
+            }
+            e => other(e.to_string(), false),
+        }
+    }
+
+    /// A blob stream broke off: a digest failure from oci-client's own check
+    /// is final, anything else is a connection problem worth resuming.
+    fn stream_failure(&self, blob: &str, error: std::io::Error) -> Failure {
+        if let Some(DigestError::VerificationError { actual, .. }) = error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<DigestError>())
+        {
+            return ImageError::DigestMismatch {
+                blob: blob.to_string(),
+                actual: actual.clone(),
+            }
+            .into();
+        }
+        Failure {
+            error: ImageError::Registry {
+                registry: self.registry.clone(),
+                detail: chain(&error),
+            },
+            transient: true,
+        }
+    }
+}
+
+/// A blob being downloaded into its partial file; `hasher` has seen exactly
+/// the bytes in the file.
+struct Download {
+    file: tokio::fs::File,
+    hasher: Hasher,
+    path: PathBuf,
+    name: String,
+    size: u64,
+}
+
+impl Download {
+    async fn restart(&mut self) -> Result<(), ImageError> {
+        self.file.set_len(0).await.at(&self.path)?;
+        self.file.seek(SeekFrom::Start(0)).await.at(&self.path)?;
+        self.hasher = Hasher::new();
+        Ok(())
+    }
+}
+
+/// Opens (or creates) a partial download, locked so that two pulls never
+/// append to the same file, and hashes what is already in it.
+fn open_partial(path: &Path) -> Result<(nix::fcntl::Flock<std::fs::File>, Hasher), ImageError> {
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .at(path)?;
+    let mut lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| ImageError::io(path, errno.into()))?;
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = lock.read(&mut buf).at(path)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok((lock, hasher))
+}
+
+/// An error and its causes on one line: reqwest's own message alone rarely
+/// says what went wrong.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
