@@ -45,10 +45,6 @@ impl ImageStore {
         Ok(store)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// A local image by reference (`busybox`, `reg:5000/app:1`,
     /// `reg:5000/app@sha256:...`) or by manifest digest (`sha256:...`).
     /// Never touches the network.
