@@ -76,9 +76,38 @@ fn quiet(command: &mut Command) {
     let _ = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
 
-fn rss_kib(pid: i64) -> Option<i64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+/// A `Key: N kB` line of a /proc file.
+fn proc_kib(path: &str, key: &str) -> Option<i64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+}
+
+/// Per-shim memory with `count` workloads running at once: resident, private
+/// (anonymous) and proportional (file pages shared by all shims split among them).
+fn shim_memory(agent: &dyn Fn(&[&str]) -> Command, work: &Path, count: usize) -> anyhow::Result<[i64; 3]> {
+    for i in 0..count {
+        let spec = work.join(format!("idle-{i}.toml"));
+        std::fs::write(&spec, format!("name = \"idle-{i}\"\nimage = \"busybox:test\"\ncommand = [\"/bin/sleep\", \"600\"]\nstop-grace-period = \"100ms\"\n"))?;
+        timed(&mut agent(&["run", "-f", spec.to_str().unwrap()]))?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let list: Value = serde_json::from_slice(&agent(&["ps", "--json"]).output()?.stdout)?;
+    let mut samples: [Vec<i64>; 3] = Default::default();
+    for w in list.as_array().into_iter().flatten() {
+        let Some(pid) = w["status"]["shim_pid"].as_i64() else { continue };
+        samples[0].extend(proc_kib(&format!("/proc/{pid}/status"), "VmRSS:"));
+        samples[1].extend(proc_kib(&format!("/proc/{pid}/status"), "RssAnon:"));
+        samples[2].extend(proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss:"));
+    }
+    for i in 0..count {
+        quiet(&mut agent(&["rm", &format!("idle-{i}")]));
+    }
+    Ok(samples.map(|mut v| median(&mut v)))
+}
+
+fn median(v: &mut [i64]) -> i64 {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
 struct Stats {
@@ -123,20 +152,11 @@ fn main() -> anyhow::Result<()> {
 
     let mut outpost = Stats { name: "edge-agent run (spec -> running)".into(), samples: Vec::new() };
     let mut agent_rss = Vec::new();
-    let mut shim_rss = Vec::new();
     let mut bundle: Option<PathBuf> = None;
-    for i in 0..args.iterations {
+    for _ in 0..args.iterations {
         let (elapsed, maxrss) = timed(agent(&["run", "-f", spec.to_str().unwrap()]).env("OUTPOST_LOG", "off"))?;
         outpost.samples.push(elapsed);
         agent_rss.push(maxrss);
-        if i < 5 {
-            std::thread::sleep(Duration::from_millis(200));
-            let out = agent(&["ps", "--json"]).output()?;
-            let list: Value = serde_json::from_slice(&out.stdout)?;
-            if let Some(pid) = list[0]["status"]["shim_pid"].as_i64() {
-                shim_rss.extend(rss_kib(pid));
-            }
-        }
         if bundle.is_none() {
             bundle = Some(equivalent_bundle(work.path(), &data)?);
         }
@@ -171,15 +191,15 @@ fn main() -> anyhow::Result<()> {
     for r in &results {
         println!("{}", r.row());
     }
-    let median = |v: &mut Vec<i64>| {
-        v.sort();
-        v.get(v.len() / 2).copied().unwrap_or(0)
-    };
+    let [rss, anon, pss] = shim_memory(&agent, work.path(), 10)?;
+    let mib = |kib: i64| kib as f64 / 1024.0;
     println!();
     println!("| memory | median |");
     println!("|---|---|");
-    println!("| `edge-agent run`, peak RSS of the whole command | {:.1} MiB |", median(&mut agent_rss) as f64 / 1024.0);
-    println!("| one shim while its container runs, RSS | {:.1} MiB |", median(&mut shim_rss) as f64 / 1024.0);
+    println!("| `edge-agent run`, peak RSS of the whole command | {:.1} MiB |", mib(median(&mut agent_rss)));
+    println!("| one shim (of 10 running), resident (RSS) | {:.1} MiB |", mib(rss));
+    println!("| one shim (of 10 running), private (RssAnon) | {:.1} MiB |", mib(anon));
+    println!("| one shim (of 10 running), proportional (PSS) | {:.1} MiB |", mib(pss));
     Ok(())
 }
 
