@@ -9,9 +9,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use edge_agent::runtime::image::{
-    Image, ImageError, ImageStore, NoProgress, PullOptions, PullProgress,
-};
+use edge_agent::runtime::image::{Image, ImageError, ImageStore, NoProgress, PullOptions, PullProgress};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tempfile::TempDir;
 use testkit::image::{build_oci_layout, busybox_config, busybox_rootfs, Layer};
@@ -64,10 +62,7 @@ fn store(dir: &Path) -> ImageStore {
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect()
+    fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect()
 }
 
 /// Remembers where downloads (re)started.
@@ -79,10 +74,7 @@ struct Recorder {
 impl PullProgress for Recorder {
     fn blob_started(&self, digest: &str, resumed_from: u64, _total: u64) {
         if resumed_from > 0 {
-            self.resumed
-                .lock()
-                .unwrap()
-                .push((digest.to_string(), resumed_from));
+            self.resumed.lock().unwrap().push((digest.to_string(), resumed_from));
         }
     }
 }
@@ -102,44 +94,22 @@ impl Drop for Mounted {
 async fn an_image_pushed_to_a_registry_is_pulled_and_busybox_runs_from_its_lowest_layer() {
     require_root();
     let dir = TempDir::new().unwrap();
-    let (registry, _) = registry_with(
-        dir.path(),
-        "busybox:1",
-        vec![whiteouts(&["etc/group"]).unwrap()],
-    );
+    let (registry, _) = registry_with(dir.path(), "busybox:1", vec![whiteouts(&["etc/group"]).unwrap()]);
     let reference = format!("{}/busybox:1", registry.host());
     let store = store(dir.path());
 
-    let image = store
-        .pull(&reference, &options(&registry.host()), &NoProgress)
-        .await
-        .unwrap();
+    let image = store.pull(&reference, &options(&registry.host()), &NoProgress).await.unwrap();
 
     assert_eq!(image.reference, reference);
     assert_eq!(image.config.cmd, ["/bin/sh"]);
     assert_eq!(image.layers.len(), 2);
     let busybox = image.layers[0].join("bin/busybox");
-    assert!(
-        fs::metadata(&busybox).unwrap().mode() & 0o111 != 0,
-        "busybox is executable"
-    );
-    assert_eq!(
-        fs::read_link(image.layers[0].join("bin/sh")).unwrap(),
-        Path::new("busybox")
-    );
-    let out = Command::new(&busybox)
-        .args(["echo", "hello from the layer"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello from the layer\n"
-    );
+    assert!(fs::metadata(&busybox).unwrap().mode() & 0o111 != 0, "busybox is executable");
+    assert_eq!(fs::read_link(image.layers[0].join("bin/sh")).unwrap(), Path::new("busybox"));
+    let out = Command::new(&busybox).args(["echo", "hello from the layer"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the layer\n");
     let whiteout = fs::symlink_metadata(image.layers[1].join("etc/group")).unwrap();
-    assert!(
-        whiteout.file_type().is_char_device() && whiteout.rdev() == 0,
-        "whiteout is a 0:0 char device"
-    );
+    assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0, "whiteout is a 0:0 char device");
 
     assert_eq!(store.find(&reference).unwrap().as_ref(), Some(&image));
     assert_eq!(store.find(&image.digest).unwrap().as_ref(), Some(&image));
@@ -149,21 +119,12 @@ async fn an_image_pushed_to_a_registry_is_pulled_and_busybox_runs_from_its_lowes
 async fn unpacked_layers_stacked_as_overlayfs_lowerdirs_hide_what_whiteouts_delete() {
     require_root();
     let dir = TempDir::new().unwrap();
-    let layout = busybox_layout(
-        dir.path(),
-        "busybox:1",
-        vec![whiteouts(&["etc/group", "bin/vi"]).unwrap()],
-    );
+    let layout = busybox_layout(dir.path(), "busybox:1", vec![whiteouts(&["etc/group", "bin/vi"]).unwrap()]);
     let image = store(dir.path()).import(&layout).unwrap().remove(0);
 
     let merged = dir.path().join("merged");
     fs::create_dir(&merged).unwrap();
-    let lower: Vec<String> = image
-        .layers
-        .iter()
-        .rev()
-        .map(|l| l.display().to_string())
-        .collect();
+    let lower: Vec<String> = image.layers.iter().rev().map(|l| l.display().to_string()).collect();
     mount(
         Some("overlay"),
         &merged,
@@ -176,14 +137,8 @@ async fn unpacked_layers_stacked_as_overlayfs_lowerdirs_hide_what_whiteouts_dele
 
     assert!(merged.join("bin/busybox").is_file());
     assert!(merged.join("etc/passwd").is_file());
-    assert!(
-        fs::symlink_metadata(merged.join("etc/group")).is_err(),
-        "etc/group is whited out"
-    );
-    assert!(
-        fs::symlink_metadata(merged.join("bin/vi")).is_err(),
-        "bin/vi is whited out"
-    );
+    assert!(fs::symlink_metadata(merged.join("etc/group")).is_err(), "etc/group is whited out");
+    assert!(fs::symlink_metadata(merged.join("bin/vi")).is_err(), "bin/vi is whited out");
 }
 
 #[tokio::test]
@@ -193,19 +148,9 @@ async fn a_pull_by_digest_gives_the_image_its_tag_resolved_to() {
     let (registry, _) = registry_with(dir.path(), "busybox:1", vec![]);
     let store = store(dir.path());
     let opts = options(&registry.host());
-    let by_tag = store
-        .pull(
-            &format!("{}/busybox:1", registry.host()),
-            &opts,
-            &NoProgress,
-        )
-        .await
-        .unwrap();
+    let by_tag = store.pull(&format!("{}/busybox:1", registry.host()), &opts, &NoProgress).await.unwrap();
     let by_digest_ref = format!("{}/busybox@{}", registry.host(), by_tag.digest);
-    let by_digest = store
-        .pull(&by_digest_ref, &opts, &NoProgress)
-        .await
-        .unwrap();
+    let by_digest = store.pull(&by_digest_ref, &opts, &NoProgress).await.unwrap();
     assert_eq!(by_digest.digest, by_tag.digest);
     assert_eq!(by_digest.layers, by_tag.layers);
     assert_eq!(by_digest.reference, by_digest_ref);
@@ -215,89 +160,41 @@ async fn a_pull_by_digest_gives_the_image_its_tag_resolved_to() {
 async fn a_pull_cut_mid_blob_resumes_with_a_range_request_and_moves_little_more_than_the_image() {
     require_root();
     let dir = TempDir::new().unwrap();
-    let (registry, _) = registry_with(
-        dir.path(),
-        "big:1",
-        vec![random_file("data/random", 4 * MIB as usize).unwrap()],
-    );
+    let (registry, _) = registry_with(dir.path(), "big:1", vec![random_file("data/random", 4 * MIB as usize).unwrap()]);
     let proxy = CuttingProxy::start(registry.addr()).await.unwrap();
     // The busybox layer comes first (about 1 MiB): cut well inside the 4 MiB one.
     proxy.cut_after(3 * MIB);
     let progress = Recorder::default();
 
-    let image = store(dir.path())
-        .pull(
-            &format!("{}/big:1", proxy.host()),
-            &options(&proxy.host()),
-            &progress,
-        )
-        .await
-        .unwrap();
+    let image =
+        store(dir.path()).pull(&format!("{}/big:1", proxy.host()), &options(&proxy.host()), &progress).await.unwrap();
 
     assert_eq!(proxy.cuts(), 1);
-    assert!(
-        proxy.saw_range_request(),
-        "the resumed download asked for a byte range"
-    );
-    assert_eq!(
-        progress.resumed.lock().unwrap().len(),
-        1,
-        "one download resumed"
-    );
+    assert!(proxy.saw_range_request(), "the resumed download asked for a byte range");
+    assert_eq!(progress.resumed.lock().unwrap().len(), 1, "one download resumed");
     let moved = proxy.downstream_bytes();
     let allowed = image.size + image.size / 10 + 64 * 1024;
-    assert!(
-        moved <= allowed,
-        "{moved} bytes moved for a {}-byte image (at most {allowed})",
-        image.size
-    );
-    assert_eq!(
-        fs::metadata(image.layers[1].join("data/random"))
-            .unwrap()
-            .len(),
-        4 * MIB
-    );
+    assert!(moved <= allowed, "{moved} bytes moved for a {}-byte image (at most {allowed})", image.size);
+    assert_eq!(fs::metadata(image.layers[1].join("data/random")).unwrap().len(), 4 * MIB);
 }
 
 #[tokio::test]
-async fn a_registry_that_ignores_range_requests_gets_the_cut_blob_downloaded_again_from_the_start()
-{
+async fn a_registry_that_ignores_range_requests_gets_the_cut_blob_downloaded_again_from_the_start() {
     require_root();
     let dir = TempDir::new().unwrap();
-    let (registry, _) = registry_with(
-        dir.path(),
-        "big:1",
-        vec![random_file("data/random", 4 * MIB as usize).unwrap()],
-    );
+    let (registry, _) = registry_with(dir.path(), "big:1", vec![random_file("data/random", 4 * MIB as usize).unwrap()]);
     let proxy = CuttingProxy::start(registry.addr()).await.unwrap();
     proxy.cut_after(3 * MIB);
     proxy.ignore_range_requests();
     let progress = Recorder::default();
 
-    let image = store(dir.path())
-        .pull(
-            &format!("{}/big:1", proxy.host()),
-            &options(&proxy.host()),
-            &progress,
-        )
-        .await
-        .unwrap();
+    let image =
+        store(dir.path()).pull(&format!("{}/big:1", proxy.host()), &options(&proxy.host()), &progress).await.unwrap();
 
     assert_eq!(proxy.cuts(), 1);
-    assert!(
-        progress.resumed.lock().unwrap().is_empty(),
-        "the whole blob came again: nothing to resume from"
-    );
-    assert!(
-        proxy.downstream_bytes() > image.size + MIB,
-        "the cut blob was downloaded twice"
-    );
-    assert_eq!(
-        fs::metadata(image.layers[1].join("data/random"))
-            .unwrap()
-            .len(),
-        4 * MIB
-    );
+    assert!(progress.resumed.lock().unwrap().is_empty(), "the whole blob came again: nothing to resume from");
+    assert!(proxy.downstream_bytes() > image.size + MIB, "the cut blob was downloaded twice");
+    assert_eq!(fs::metadata(image.layers[1].join("data/random")).unwrap().len(), 4 * MIB);
 }
 
 #[tokio::test]
@@ -310,26 +207,18 @@ async fn a_multi_platform_index_resolves_to_the_image_for_this_machine() {
     registry.push(&layout, "multi:1").unwrap();
 
     let image = store(dir.path())
-        .pull(
-            &format!("{}/multi:1", registry.host()),
-            &options(&registry.host()),
-            &NoProgress,
-        )
+        .pull(&format!("{}/multi:1", registry.host()), &options(&registry.host()), &NoProgress)
         .await
         .unwrap();
 
-    assert_eq!(
-        image.digest, image_digest,
-        "the platform's manifest, not the index"
-    );
+    assert_eq!(image.digest, image_digest, "the platform's manifest, not the index");
     assert!(image.layers[0].join("bin/busybox").is_file());
 }
 
 /// Replaces the layout's single image by an index listing that image for
 /// this machine and for another platform; returns the image's manifest digest.
 fn wrap_in_multi_platform_index(layout: &Path, name_tag: &str) -> String {
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
     let image = &index["manifests"][0];
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -351,11 +240,7 @@ fn wrap_in_multi_platform_index(layout: &Path, name_tag: &str) -> String {
     }))
     .unwrap();
     let nested_digest = ota::Digest::of(&nested).to_string();
-    fs::write(
-        layout.join("blobs/sha256").join(&nested_digest[7..]),
-        &nested,
-    )
-    .unwrap();
+    fs::write(layout.join("blobs/sha256").join(&nested_digest[7..]), &nested).unwrap();
     let top = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{
@@ -372,85 +257,45 @@ fn wrap_in_multi_platform_index(layout: &Path, name_tag: &str) -> String {
 async fn a_pull_cut_again_and_again_still_completes_by_resuming_each_time() {
     require_root();
     let dir = TempDir::new().unwrap();
-    let (registry, _) = registry_with(
-        dir.path(),
-        "big:1",
-        vec![random_file("data/random", 4 * MIB as usize).unwrap()],
-    );
+    let (registry, _) = registry_with(dir.path(), "big:1", vec![random_file("data/random", 4 * MIB as usize).unwrap()]);
     let proxy = CuttingProxy::start(registry.addr()).await.unwrap();
     proxy.cut_every(MIB);
-    let opts = PullOptions {
-        retries: 2,
-        ..options(&proxy.host())
-    };
+    let opts = PullOptions { retries: 2, ..options(&proxy.host()) };
 
-    let image = store(dir.path())
-        .pull(&format!("{}/big:1", proxy.host()), &opts, &NoProgress)
-        .await
-        .unwrap();
+    let image = store(dir.path()).pull(&format!("{}/big:1", proxy.host()), &opts, &NoProgress).await.unwrap();
 
     assert!(proxy.cuts() >= 4, "cut {} times", proxy.cuts());
-    assert_eq!(
-        fs::metadata(image.layers[1].join("data/random"))
-            .unwrap()
-            .len(),
-        4 * MIB
-    );
+    assert_eq!(fs::metadata(image.layers[1].join("data/random")).unwrap().len(), 4 * MIB);
 }
 
 #[tokio::test]
 async fn a_pull_that_gives_up_leaves_its_partial_download_and_the_next_pull_resumes_it() {
     require_root();
     let dir = TempDir::new().unwrap();
-    let (registry, _) = registry_with(
-        dir.path(),
-        "big:1",
-        vec![random_file("data/random", 4 * MIB as usize).unwrap()],
-    );
+    let (registry, _) = registry_with(dir.path(), "big:1", vec![random_file("data/random", 4 * MIB as usize).unwrap()]);
     let proxy = CuttingProxy::start(registry.addr()).await.unwrap();
     let reference = format!("{}/big:1", proxy.host());
     proxy.cut_after(3 * MIB);
 
-    let give_up = PullOptions {
-        retries: 0,
-        ..options(&proxy.host())
-    };
-    let err = store(dir.path())
-        .pull(&reference, &give_up, &NoProgress)
-        .await
-        .unwrap_err();
+    let give_up = PullOptions { retries: 0, ..options(&proxy.host()) };
+    let err = store(dir.path()).pull(&reference, &give_up, &NoProgress).await.unwrap_err();
     assert!(matches!(err, ImageError::DownloadFailed { .. }), "{err}");
     assert!(err.to_string().contains("next pull resumes"), "{err}");
     let partials = files_under(&dir.path().join("images/partial"));
-    let kept: u64 = partials
-        .iter()
-        .map(|p| fs::metadata(p).unwrap().len())
-        .sum();
-    assert!(
-        kept > MIB,
-        "the partial download is kept ({kept} bytes in {partials:?})"
-    );
+    let kept: u64 = partials.iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+    assert!(kept > MIB, "the partial download is kept ({kept} bytes in {partials:?})");
     assert!(store(dir.path()).find(&reference).unwrap().is_none());
 
     // A fresh store on the same directory, as a new agent process would open it.
     let before = proxy.downstream_bytes();
     let progress = Recorder::default();
-    let image = store(dir.path())
-        .pull(&reference, &options(&proxy.host()), &progress)
-        .await
-        .unwrap();
+    let image = store(dir.path()).pull(&reference, &options(&proxy.host()), &progress).await.unwrap();
     assert!(proxy.saw_range_request());
     let resumed = progress.resumed.lock().unwrap().clone();
     assert_eq!(resumed.len(), 1, "{resumed:?}");
-    assert_eq!(
-        resumed[0].1, kept,
-        "resumed exactly where the partial file ends"
-    );
+    assert_eq!(resumed[0].1, kept, "resumed exactly where the partial file ends");
     let moved = proxy.downstream_bytes() - before;
-    assert!(
-        moved < image.size - kept + 64 * 1024,
-        "the second pull moved {moved} bytes, the first had kept {kept}"
-    );
+    assert!(moved < image.size - kept + 64 * 1024, "the second pull moved {moved} bytes, the first had kept {kept}");
 }
 
 #[tokio::test]
@@ -461,16 +306,10 @@ async fn pulling_a_missing_image_says_it_is_not_found_naming_reference_and_regis
     let store = store(dir.path());
     for missing in ["busybox:2", "nothing:here"] {
         let reference = format!("{}/{missing}", registry.host());
-        let err = store
-            .pull(&reference, &options(&registry.host()), &NoProgress)
-            .await
-            .unwrap_err();
+        let err = store.pull(&reference, &options(&registry.host()), &NoProgress).await.unwrap_err();
         assert!(matches!(err, ImageError::NotFound { .. }), "{err}");
         let message = err.to_string();
-        assert!(
-            message.contains(&reference) && message.contains(&registry.host()),
-            "{message}"
-        );
+        assert!(message.contains(&reference) && message.contains(&registry.host()), "{message}");
     }
     assert!(store.list().unwrap().is_empty());
 }
@@ -479,23 +318,10 @@ async fn pulling_a_missing_image_says_it_is_not_found_naming_reference_and_regis
 async fn a_registry_that_does_not_answer_is_reported_unreachable() {
     require_root();
     let dir = TempDir::new().unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let opts = PullOptions {
-        retries: 1,
-        ..options(&closed)
-    };
-    let err = store(dir.path())
-        .pull(&format!("{closed}/app:1"), &opts, &NoProgress)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, ImageError::RegistryUnreachable { .. }),
-        "{err}"
-    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let opts = PullOptions { retries: 1, ..options(&closed) };
+    let err = store(dir.path()).pull(&format!("{closed}/app:1"), &opts, &NoProgress).await.unwrap_err();
+    assert!(matches!(err, ImageError::RegistryUnreachable { .. }), "{err}");
     assert!(err.to_string().contains("edge-agent import"), "{err}");
 }
 
@@ -519,10 +345,7 @@ fn an_oci_archive_made_by_skopeo_is_imported() {
     assert_eq!(images.len(), 1);
     assert_eq!(images[0].reference, "docker.io/site/busybox:1");
     assert!(images[0].layers[0].join("bin/busybox").is_file());
-    assert_eq!(
-        store.find("site/busybox:1").unwrap().as_ref(),
-        Some(&images[0])
-    );
+    assert_eq!(store.find("site/busybox:1").unwrap().as_ref(), Some(&images[0]));
 }
 
 #[test]
@@ -564,10 +387,8 @@ fn a_tampered_blob_in_an_imported_layout_is_refused_and_nothing_is_stored() {
     require_root();
     let dir = TempDir::new().unwrap();
     let layout = busybox_layout(dir.path(), "busybox:1", vec![]);
-    let biggest = files_under(&layout.join("blobs/sha256"))
-        .into_iter()
-        .max_by_key(|p| fs::metadata(p).unwrap().len())
-        .unwrap();
+    let biggest =
+        files_under(&layout.join("blobs/sha256")).into_iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
     let mut bytes = fs::read(&biggest).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x55;
@@ -577,16 +398,10 @@ fn a_tampered_blob_in_an_imported_layout_is_refused_and_nothing_is_stored() {
     let err = store.import(&layout).unwrap_err();
     assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
     let hex = biggest.file_name().unwrap().to_str().unwrap();
-    assert!(
-        err.to_string().contains(hex),
-        "the error names the blob: {err}"
-    );
+    assert!(err.to_string().contains(hex), "the error names the blob: {err}");
     assert!(store.list().unwrap().is_empty());
     for sub in ["blobs/sha256", "layers", "tmp"] {
-        assert!(
-            files_under(&dir.path().join("images").join(sub)).is_empty(),
-            "{sub} is not empty"
-        );
+        assert!(files_under(&dir.path().join("images").join(sub)).is_empty(), "{sub} is not empty");
     }
 }
 
@@ -597,29 +412,18 @@ async fn gc_removes_an_unused_image_and_keeps_a_used_one_with_the_layer_they_sha
     let rootfs = dir.path().join("rootfs");
     busybox_rootfs(&rootfs).unwrap();
     let small = layout_of(&rootfs, &dir.path().join("small"), "small:1", vec![]);
-    let big = layout_of(
-        &rootfs,
-        &dir.path().join("big"),
-        "big:1",
-        vec![random_file("data/random", MIB as usize).unwrap()],
-    );
+    let big =
+        layout_of(&rootfs, &dir.path().join("big"), "big:1", vec![random_file("data/random", MIB as usize).unwrap()]);
     let store = store(dir.path());
     let used: Image = store.import(&small).unwrap().remove(0);
     let unused: Image = store.import(&big).unwrap().remove(0);
-    assert_eq!(
-        used.layers[0], unused.layers[0],
-        "the busybox layer is unpacked once, shared"
-    );
+    assert_eq!(used.layers[0], unused.layers[0], "the busybox layer is unpacked once, shared");
 
     let report = store.gc(std::slice::from_ref(&used.digest)).unwrap();
 
     assert_eq!(report.images_removed, ["docker.io/library/big:1"]);
     assert_eq!(report.layers_removed, 1);
-    assert!(
-        report.bytes_freed >= MIB,
-        "freed {} bytes",
-        report.bytes_freed
-    );
+    assert!(report.bytes_freed >= MIB, "freed {} bytes", report.bytes_freed);
     assert_eq!(store.find("small:1").unwrap().as_ref(), Some(&used));
     assert!(store.find("big:1").unwrap().is_none());
     assert!(used.layers[0].join("bin/busybox").is_file());
@@ -632,14 +436,7 @@ async fn the_pull_command_on_a_full_disk_collects_unused_images_and_succeeds_on_
     let dir = TempDir::new().unwrap();
     let data = dir.path().join("data");
     fs::create_dir(&data).unwrap();
-    mount(
-        Some("tmpfs"),
-        &data,
-        Some("tmpfs"),
-        MsFlags::empty(),
-        Some("size=3m"),
-    )
-    .expect("mounting a tiny tmpfs");
+    mount(Some("tmpfs"), &data, Some("tmpfs"), MsFlags::empty(), Some("size=3m")).expect("mounting a tiny tmpfs");
     let _mounted = Mounted(data.clone());
     let old = dir.path().join("old");
     let old_layer = random_file("old", 1200 * 1024).unwrap();
@@ -661,28 +458,16 @@ async fn the_pull_command_on_a_full_disk_collects_unused_images_and_succeeds_on_
             .unwrap()
     };
     let import = agent(&["import", old.to_str().unwrap()]);
-    assert!(
-        import.status.success(),
-        "{}",
-        String::from_utf8_lossy(&import.stderr)
-    );
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
 
     let pull = agent(&["pull", &format!("{}/new:1", registry.host())]);
 
     let stderr = String::from_utf8_lossy(&pull.stderr);
     assert!(pull.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("no space left") && stderr.contains("collecting unused images"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("no space left") && stderr.contains("collecting unused images"), "{stderr}");
     let images = agent(&["images", "--json"]);
     let images: serde_json::Value = serde_json::from_slice(&images.stdout).unwrap();
-    let references: Vec<&str> = images
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["reference"].as_str().unwrap())
-        .collect();
+    let references: Vec<&str> = images.as_array().unwrap().iter().map(|i| i["reference"].as_str().unwrap()).collect();
     assert_eq!(references, [format!("{}/new:1", registry.host())]);
 }
 
@@ -690,39 +475,19 @@ async fn the_pull_command_on_a_full_disk_collects_unused_images_and_succeeds_on_
 async fn a_pull_onto_a_full_filesystem_reports_no_space_and_suggests_gc() {
     require_root();
     let dir = TempDir::new().unwrap();
-    let (registry, _) = registry_with(
-        dir.path(),
-        "big:1",
-        vec![random_file("data/random", 4 * MIB as usize).unwrap()],
-    );
+    let (registry, _) = registry_with(dir.path(), "big:1", vec![random_file("data/random", 4 * MIB as usize).unwrap()]);
     let tiny = dir.path().join("tiny");
     fs::create_dir(&tiny).unwrap();
-    mount(
-        Some("tmpfs"),
-        &tiny,
-        Some("tmpfs"),
-        MsFlags::empty(),
-        Some("size=2m"),
-    )
-    .expect("mounting a tiny tmpfs");
+    mount(Some("tmpfs"), &tiny, Some("tmpfs"), MsFlags::empty(), Some("size=2m")).expect("mounting a tiny tmpfs");
     let _mounted = Mounted(tiny.clone());
     let store = store(&tiny);
 
-    let err = store
-        .pull(
-            &format!("{}/big:1", registry.host()),
-            &options(&registry.host()),
-            &NoProgress,
-        )
-        .await
-        .unwrap_err();
+    let err =
+        store.pull(&format!("{}/big:1", registry.host()), &options(&registry.host()), &NoProgress).await.unwrap_err();
 
     assert!(matches!(err, ImageError::NoSpace { .. }), "{err}");
     assert!(err.is_no_space());
     let message = err.to_string();
-    assert!(
-        message.contains("edge-agent gc") && message.contains(tiny.to_str().unwrap()),
-        "{message}"
-    );
+    assert!(message.contains("edge-agent gc") && message.contains(tiny.to_str().unwrap()), "{message}");
     assert!(store.list().unwrap().is_empty());
 }

@@ -159,15 +159,12 @@ fn containers_keep_running_when_the_agent_is_killed_and_a_new_agent_takes_them_b
     let pid_b = pid(&agent.workload("survivor-b"));
 
     // A long-running agent process in its own process group, killed with the whole group.
-    let follower = agent
-        .command()
-        .args(["logs", "-f", "survivor-a"])
-        .stdout(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap();
+    let mut follower =
+        agent.command().args(["logs", "-f", "survivor-a"]).stdout(Stdio::null()).process_group(0).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(follower.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(follower.id() as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let _ = follower.wait();
 
     // A new agent sees both running, unchanged.
     std::thread::sleep(Duration::from_millis(300));
@@ -177,7 +174,8 @@ fn containers_keep_running_when_the_agent_is_killed_and_a_new_agent_takes_them_b
 
     // They are still supervised: a crash is restarted, and stop works.
     Command::new("kill").args(["-9", &pid_b.to_string()]).status().unwrap();
-    let w = agent.wait_for("survivor-b", WAIT, "restarted", |w| state(w) == "running" && pid(w) != pid_b && pid(w) != 0);
+    let w =
+        agent.wait_for("survivor-b", WAIT, "restarted", |w| state(w) == "running" && pid(w) != pid_b && pid(w) != 0);
     assert_eq!(w["status"]["restarts"], 1);
     assert!(agent.ok(&["stop", "survivor-a"]).contains("stopped"));
 }
@@ -195,8 +193,14 @@ fn exec_health_probe_reports_healthy_then_unhealthy() {
 fn http_and_tcp_health_probes_reach_a_host_network_workload() {
     let (agent, image) = agent_with_busybox();
     let port = free_port();
-    let health = format!("network = \"host\"\n[health]\nhttp = {{ port = {port}, path = \"/\" }}\ninterval = \"200ms\"");
-    agent.run_spec(&spec("web", &image, &format!("mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 127.0.0.1:{port} -h /www"), &health));
+    let health =
+        format!("network = \"host\"\n[health]\nhttp = {{ port = {port}, path = \"/\" }}\ninterval = \"200ms\"");
+    agent.run_spec(&spec(
+        "web",
+        &image,
+        &format!("mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 127.0.0.1:{port} -h /www"),
+        &health,
+    ));
     agent.wait_for("web", WAIT, "healthy", |w| w["status"]["health"] == "healthy");
 
     let port2 = free_port();
@@ -220,7 +224,12 @@ fn named_volume_survives_removing_the_workload() {
 #[test]
 fn read_only_rootfs_refuses_writes_outside_volumes() {
     let (agent, image) = agent_with_busybox();
-    agent.run_spec(&spec("ro", &image, "touch /file 2>&1 || echo refused", "read-only-rootfs = true\n[restart]\nmode = \"never\""));
+    agent.run_spec(&spec(
+        "ro",
+        &image,
+        "touch /file 2>&1 || echo refused",
+        "read-only-rootfs = true\n[restart]\nmode = \"never\"",
+    ));
     agent.wait_for("ro", WAIT, "exited", |w| state(w) == "exited");
     assert!(agent.logs("ro").contains("refused"));
 }

@@ -55,9 +55,7 @@ impl FromStr for Digest {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
-            Some(("sha256", hex)) => {
-                Self::from_hex(hex).map_err(|_| DigestParseError::Malformed(s.to_string()))
-            }
+            Some(("sha256", hex)) => Self::from_hex(hex).map_err(|_| DigestParseError::Malformed(s.to_string())),
             Some(_) => Err(DigestParseError::UnsupportedAlgorithm(s.to_string())),
             None => Err(DigestParseError::Malformed(s.to_string())),
         }
@@ -85,10 +83,7 @@ pub struct Hasher {
 
 impl Hasher {
     pub fn new() -> Self {
-        Self {
-            context: Context::new(&SHA256),
-            len: 0,
-        }
+        Self { context: Context::new(&SHA256), len: 0 }
     }
 
     pub fn update(&mut self, bytes: &[u8]) {
@@ -122,10 +117,7 @@ pub struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        Self {
-            inner,
-            hasher: Hasher::new(),
-        }
+        Self { inner, hasher: Hasher::new() }
     }
 
     /// The inner writer, the digest and the length of what was written.
@@ -155,10 +147,7 @@ pub struct HashingReader<R> {
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
-        Self {
-            inner,
-            hasher: Hasher::new(),
-        }
+        Self { inner, hasher: Hasher::new() }
     }
 
     /// The digest and the length of what was read.
@@ -196,10 +185,7 @@ mod tests {
 
     #[test]
     fn digest_parse_refuses_other_algorithms_and_malformed_hex() {
-        assert!(matches!(
-            "sha512:abcd".parse::<Digest>(),
-            Err(DigestParseError::UnsupportedAlgorithm(_))
-        ));
+        assert!(matches!("sha512:abcd".parse::<Digest>(), Err(DigestParseError::UnsupportedAlgorithm(_))));
         assert!("sha256:ABC".parse::<Digest>().is_err());
         assert!(EMPTY.to_uppercase().parse::<Digest>().is_err());
         assert!("sha256:../../etc/passwd".parse::<Digest>().is_err());

@@ -26,9 +26,7 @@ impl FromStr for ByteSize {
             "g" | "gb" | "gib" => 30,
             other => return Err(format!("unknown size unit {other:?} in {s:?}: use B, KiB, MiB or GiB")),
         };
-        n.checked_mul(1 << shift)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
+        n.checked_mul(1 << shift).map(ByteSize).ok_or_else(|| format!("{s:?} is too large"))
     }
 }
 
@@ -36,7 +34,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
         for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
-            if n >= 1 << shift && n % (1 << shift) == 0 {
+            if n >= 1 << shift && n.is_multiple_of(1 << shift) {
                 return write!(f, "{}{unit}", n >> shift);
             }
         }

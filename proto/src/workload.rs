@@ -231,25 +231,20 @@ pub enum SpecError {
 impl WorkloadSpec {
     /// Parses TOML, or JSON when the text starts with `{`, then validates.
     pub fn parse(text: &str) -> Result<Self, SpecError> {
-        let spec: Self = if text.trim_start().starts_with('{') {
-            serde_json::from_str(text)?
-        } else {
-            toml::from_str(text)?
-        };
+        let spec: Self =
+            if text.trim_start().starts_with('{') { serde_json::from_str(text)? } else { toml::from_str(text)? };
         spec.validate()?;
         Ok(spec)
     }
 
     /// Checks what serde cannot: names, paths, and combinations that cannot work.
     pub fn validate(&self) -> Result<(), SpecError> {
-        let fail = |problem: String| {
-            Err(SpecError::Invalid {
-                name: self.name.clone(),
-                problem,
-            })
-        };
+        let fail = |problem: String| Err(SpecError::Invalid { name: self.name.clone(), problem });
         if !valid_name(&self.name) {
-            return fail("the name must be 1 to 63 characters of a-z, 0-9, `_`, `.` or `-`, starting with a letter or digit".into());
+            return fail(
+                "the name must be 1 to 63 characters of a-z, 0-9, `_`, `.` or `-`, starting with a letter or digit"
+                    .into(),
+            );
         }
         if self.image.trim().is_empty() {
             return fail("`image` is empty".into());
@@ -312,9 +307,7 @@ impl WorkloadSpec {
                 return fail("health probe interval, timeout and failure-threshold must be above zero".into());
             }
             match &probe.check {
-                HealthCheck::Exec(cmd) if cmd.is_empty() => {
-                    return fail("the exec health probe has no command".into())
-                }
+                HealthCheck::Exec(cmd) if cmd.is_empty() => return fail("the exec health probe has no command".into()),
                 HealthCheck::Tcp(_) | HealthCheck::Http(_) if self.network == Network::None => {
                     return fail("tcp and http health probes reach the workload on the device's network: set `network = \"host\"` or use an exec probe".into());
                 }
@@ -412,16 +405,13 @@ start-period = "20s"
 
     #[test]
     fn misspelt_field_is_refused_not_ignored() {
-        let err = WorkloadSpec::parse("name = \"a\"\nimage = \"b\"\n[resources]\nmemroy = \"1G\"\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            WorkloadSpec::parse("name = \"a\"\nimage = \"b\"\n[resources]\nmemroy = \"1G\"\n").unwrap_err().to_string();
         assert!(err.contains("memroy"), "{err}");
     }
 
     fn invalid(extra: &str) -> String {
-        WorkloadSpec::parse(&format!("name = \"w\"\nimage = \"b\"\n{extra}"))
-            .unwrap_err()
-            .to_string()
+        WorkloadSpec::parse(&format!("name = \"w\"\nimage = \"b\"\n{extra}")).unwrap_err().to_string()
     }
 
     #[test]

@@ -29,12 +29,14 @@ pub fn agent_binary() -> &'static Path {
             .status()
             .expect("cannot run cargo to build edge-agent");
         assert!(status.success(), "building edge-agent failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
         target.join("debug").join("edge-agent")
     })
 }
 
 pub struct Agent {
+    binary: &'static Path,
     pub data: TempDir,
     pub run: TempDir,
     pub cgroup_parent: String,
@@ -47,11 +49,11 @@ impl Agent {
         let data = tempfile::Builder::new().prefix("outpost-data-").tempdir().expect("temp dir");
         let run = tempfile::Builder::new().prefix("outpost-run-").tempdir().expect("temp dir");
         let cgroup_parent = format!("outpost-test-{}", run.path().file_name().unwrap().to_string_lossy());
-        Self { data, run, cgroup_parent, extra_args: Vec::new() }
+        Self { binary: agent_binary(), data, run, cgroup_parent, extra_args: Vec::new() }
     }
 
     pub fn command(&self) -> Command {
-        let mut command = Command::new(agent_binary());
+        let mut command = Command::new(self.binary);
         command
             .arg("--data-dir")
             .arg(self.data.path())
@@ -77,7 +79,11 @@ impl Agent {
     /// Runs a subcommand that must fail; returns its stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.exec(args);
-        assert!(!out.status.success(), "edge-agent {args:?} succeeded but should have failed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "edge-agent {args:?} succeeded but should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
@@ -135,7 +141,9 @@ impl Drop for Agent {
                 let _ = self.command().args(["rm", name]).output();
             }
         }
-        for controller in ["memory", "cpu", "cpuacct", "pids", "cpuset", "devices", "freezer", "blkio", "systemd", "unified"] {
+        for controller in
+            ["memory", "cpu", "cpuacct", "pids", "cpuset", "devices", "freezer", "blkio", "systemd", "unified"]
+        {
             let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(controller).join(&self.cgroup_parent));
         }
     }

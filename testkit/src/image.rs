@@ -37,7 +37,10 @@ pub fn busybox_rootfs(dir: &Path) -> anyhow::Result<()> {
     for d in ["etc", "tmp", "proc", "sys", "dev", "root", "var/run"] {
         std::fs::create_dir_all(dir.join(d))?;
     }
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")?;
+    std::fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
     std::fs::write(dir.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     std::fs::set_permissions(dir.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
     Ok(())
@@ -80,7 +83,9 @@ pub fn build_oci_layout(out: &Path, tag: &str, layers: &[Layer], config: &RunCon
         let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&tar)?;
         let (digest, size) = write_blob(&gz.finish()?)?;
-        layer_descriptors.push(json!({ "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size }));
+        layer_descriptors.push(
+            json!({ "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size }),
+        );
     }
     let image_config = json!({
         "architecture": oci_arch(),

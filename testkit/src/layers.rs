@@ -11,16 +11,14 @@ pub fn random_file(path: &str, size: usize) -> anyhow::Result<Layer> {
     let mut data = vec![0u8; size];
     let rng = SystemRandom::new();
     for chunk in data.chunks_mut(1 << 16) {
-        rng.fill(chunk)
-            .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+        rng.fill(chunk).map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
     }
     tar_of(&[(path.to_string(), &data)])
 }
 
 /// A layer that deletes each of `paths` from the layers below (`.wh.NAME`).
 pub fn whiteouts(paths: &[&str]) -> anyhow::Result<Layer> {
-    let entries: Vec<(String, &[u8])> =
-        paths.iter().map(|p| (whiteout_name(p), &b""[..])).collect();
+    let entries: Vec<(String, &[u8])> = paths.iter().map(|p| (whiteout_name(p), &b""[..])).collect();
     tar_of(&entries)
 }
 
@@ -29,11 +27,7 @@ pub fn whiteouts(paths: &[&str]) -> anyhow::Result<Layer> {
 pub fn opaque_dir(dir: &str, files: &[(&str, &[u8])]) -> anyhow::Result<Layer> {
     let dir = dir.trim_matches('/');
     let mut entries: Vec<(String, &[u8])> = vec![(format!("{dir}/.wh..wh..opq"), b"")];
-    entries.extend(
-        files
-            .iter()
-            .map(|(name, data)| (format!("{dir}/{name}"), *data)),
-    );
+    entries.extend(files.iter().map(|(name, data)| (format!("{dir}/{name}"), *data)));
     tar_of(&entries)
 }
 

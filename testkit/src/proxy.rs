@@ -54,11 +54,7 @@ impl CuttingProxy {
             cut: watch::channel(0).0,
         });
         let accept = tokio::spawn(accept_loop(listener, upstream, state.clone()));
-        Ok(Self {
-            addr,
-            state,
-            accept,
-        })
+        Ok(Self { addr, state, accept })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -72,18 +68,12 @@ impl CuttingProxy {
 
     /// Cuts every connection once `bytes` more bytes have gone downstream; once.
     pub fn cut_after(&self, bytes: u64) {
-        *self.state.plan.lock().expect("proxy plan") = Plan {
-            remaining: Some(bytes),
-            every: None,
-        };
+        *self.state.plan.lock().expect("proxy plan") = Plan { remaining: Some(bytes), every: None };
     }
 
     /// Cuts every connection each time `bytes` more bytes have gone downstream.
     pub fn cut_every(&self, bytes: u64) {
-        *self.state.plan.lock().expect("proxy plan") = Plan {
-            remaining: Some(bytes),
-            every: Some(bytes),
-        };
+        *self.state.plan.lock().expect("proxy plan") = Plan { remaining: Some(bytes), every: Some(bytes) };
     }
 
     /// Renames the `Range:` header of requests from now on, so the upstream

@@ -35,9 +35,7 @@ impl Registry {
     /// Starts a registry and waits until `/v2/` answers.
     pub fn start() -> anyhow::Result<Self> {
         require_tool(REGISTRY, "docker-registry")?;
-        let dir = tempfile::Builder::new()
-            .prefix("outpost-registry-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("outpost-registry-").tempdir()?;
         // A port that was free a moment ago; the registry binds it right after.
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let config = dir.path().join("config.yml");
@@ -78,21 +76,13 @@ impl Registry {
     pub fn push(&self, layout: &Path, name_tag: &str) -> anyhow::Result<()> {
         require_tool("skopeo", "skopeo")?;
         let out = Command::new("skopeo")
-            .args([
-                "copy",
-                "--quiet",
-                "--insecure-policy",
-                "--dest-tls-verify=false",
-            ])
+            .args(["copy", "--quiet", "--insecure-policy", "--dest-tls-verify=false"])
             .arg(format!("oci:{}:{name_tag}", layout.display()))
             .arg(format!("docker://{}/{name_tag}", self.host()))
             .output()
             .context("cannot run skopeo")?;
         if !out.status.success() {
-            bail!(
-                "skopeo could not push {name_tag}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("skopeo could not push {name_tag}: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
     }
@@ -108,23 +98,16 @@ impl Registry {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!(
-            "{REGISTRY} did not answer on {} within {STARTUP:?}: {}",
-            self.addr,
-            self.log()
-        )
+        bail!("{REGISTRY} did not answer on {} within {STARTUP:?}: {}", self.addr, self.log())
     }
 
     fn answers(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200))
-        else {
+        let Ok(mut stream) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) else {
             return false;
         };
         let request = format!("GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr);
         let mut response = String::new();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(1)))
-            .is_ok()
+        stream.set_read_timeout(Some(Duration::from_secs(1))).is_ok()
             && stream.write_all(request.as_bytes()).is_ok()
             && stream.read_to_string(&mut response).is_ok()
             && response.split(' ').nth(1) == Some("200")

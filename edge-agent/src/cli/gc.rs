@@ -53,10 +53,8 @@ fn images_in_use(workloads: &Path) -> anyhow::Result<Vec<String>> {
     };
     let mut digests = Vec::new();
     for entry in entries {
-        let record = entry
-            .with_context(|| format!("cannot list {}", workloads.display()))?
-            .path()
-            .join("workload.json");
+        let record =
+            entry.with_context(|| format!("cannot list {}", workloads.display()))?.path().join("workload.json");
         let bytes = match std::fs::read(&record) {
             Ok(bytes) => bytes,
             // A workload directory without its record is a create that crashed.
@@ -64,12 +62,8 @@ fn images_in_use(workloads: &Path) -> anyhow::Result<Vec<String>> {
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", record.display())),
         };
         // Refusing to collect beats deleting the image of a workload we failed to read.
-        let value: serde_json::Value = serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "{} is not JSON: fix or remove that workload before gc",
-                record.display()
-            )
-        })?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not JSON: fix or remove that workload before gc", record.display()))?;
         if let Some(digest) = value.get("image_digest").and_then(|d| d.as_str()) {
             digests.push(digest.to_string());
         }
@@ -84,10 +78,8 @@ mod tests {
     #[test]
     fn images_in_use_are_the_digests_recorded_by_workloads() {
         let dir = tempfile::tempdir().unwrap();
-        for (name, record) in [
-            ("a", r#"{"image_digest":"sha256:aa"}"#),
-            ("b", r#"{"image_digest":"sha256:bb","x":1}"#),
-        ] {
+        for (name, record) in [("a", r#"{"image_digest":"sha256:aa"}"#), ("b", r#"{"image_digest":"sha256:bb","x":1}"#)]
+        {
             std::fs::create_dir(dir.path().join(name)).unwrap();
             std::fs::write(dir.path().join(name).join("workload.json"), record).unwrap();
         }
@@ -100,9 +92,7 @@ mod tests {
     #[test]
     fn no_workloads_directory_means_no_images_in_use() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(images_in_use(&dir.path().join("absent"))
-            .unwrap()
-            .is_empty());
+        assert!(images_in_use(&dir.path().join("absent")).unwrap().is_empty());
     }
 
     #[test]

@@ -19,12 +19,7 @@ pub fn run(paths: &Paths, args: ImportArgs) -> anyhow::Result<()> {
         other => other?,
     };
     for image in images {
-        println!(
-            "imported {} ({}, {} layers)",
-            image.reference,
-            image.digest,
-            image.layers.len()
-        );
+        println!("imported {} ({}, {} layers)", image.reference, image.digest, image.layers.len());
     }
     Ok(())
 }

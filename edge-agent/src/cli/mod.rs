@@ -22,7 +22,11 @@ use outpost_proto::ByteSize;
 use crate::runtime::{Paths, RuntimeSettings, Supervisor};
 
 #[derive(Parser)]
-#[command(name = "edge-agent", version, about = "Outpost edge agent: runs OCI workloads on this device and keeps them running")]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Outpost edge agent: runs OCI workloads on this device and keeps them running"
+)]
 pub struct Cli {
     /// Images, workloads, volumes and logs: kept across reboots.
     #[arg(long, global = true, env = "OUTPOST_DATA_DIR", default_value = "/var/lib/outpost")]
@@ -108,6 +112,7 @@ fn init_logging() {
 
 /// A small runtime for the subcommands that talk to the network.
 fn block_on<F: std::future::Future>(future: F) -> anyhow::Result<F::Output> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
     Ok(runtime.block_on(future))
 }

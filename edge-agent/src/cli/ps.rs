@@ -14,7 +14,10 @@ pub fn run(supervisor: &Supervisor, args: PsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&workloads)?);
         return Ok(());
     }
-    println!("{:<20} {:<11} {:<10} {:>7} {:>8}  {:<26} IMAGE", "NAME", "STATE", "HEALTH", "PID", "RESTARTS", "LAST EXIT");
+    println!(
+        "{:<20} {:<11} {:<10} {:>7} {:>8}  {:<26} IMAGE",
+        "NAME", "STATE", "HEALTH", "PID", "RESTARTS", "LAST EXIT"
+    );
     for w in workloads {
         let status = w.status.as_ref();
         let health = match status.map(|s| s.health) {

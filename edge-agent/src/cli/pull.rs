@@ -20,11 +20,7 @@ pub struct PullArgs {
     timeout: u64,
 }
 
-pub async fn run(
-    paths: &Paths,
-    insecure_registries: &[String],
-    args: PullArgs,
-) -> anyhow::Result<()> {
+pub async fn run(paths: &Paths, insecure_registries: &[String], args: PullArgs) -> anyhow::Result<()> {
     let store = ImageStore::open(&paths.images())?;
     let opts = PullOptions {
         insecure_registries: insecure_registries.to_vec(),
@@ -33,31 +29,18 @@ pub async fn run(
         ..PullOptions::default()
     };
     let image = pull(paths, &store, &args.reference, &opts).await?;
-    println!(
-        "pulled {} ({}, {} layers, {})",
-        image.reference,
-        image.digest,
-        image.layers.len(),
-        mib(image.size)
-    );
+    println!("pulled {} ({}, {} layers, {})", image.reference, image.digest, image.layers.len(), mib(image.size));
     Ok(())
 }
 
 /// The image for `reference`: the local one if present, else pulled.
-pub fn ensure_image(
-    supervisor: &Supervisor,
-    insecure_registries: &[String],
-    reference: &str,
-) -> anyhow::Result<Image> {
+pub fn ensure_image(supervisor: &Supervisor, insecure_registries: &[String], reference: &str) -> anyhow::Result<Image> {
     let paths = supervisor.paths();
     let store = ImageStore::open(&paths.images())?;
     if let Some(image) = store.find(reference)? {
         return Ok(image);
     }
-    let opts = PullOptions {
-        insecure_registries: insecure_registries.to_vec(),
-        ..PullOptions::default()
-    };
+    let opts = PullOptions { insecure_registries: insecure_registries.to_vec(), ..PullOptions::default() };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -66,12 +49,7 @@ pub fn ensure_image(
 }
 
 /// Pulls with progress bars; a full disk gets one gc and one more try.
-async fn pull(
-    paths: &Paths,
-    store: &ImageStore,
-    reference: &str,
-    opts: &PullOptions,
-) -> anyhow::Result<Image> {
+async fn pull(paths: &Paths, store: &ImageStore, reference: &str, opts: &PullOptions) -> anyhow::Result<Image> {
     match store.pull(reference, opts, &Bars::new()).await {
         Err(e) if e.is_no_space() => {
             make_room(paths, &e)?;
@@ -103,28 +81,19 @@ struct Bars {
 
 impl Bars {
     fn new() -> Self {
-        Self {
-            multi: MultiProgress::new(),
-            bars: Mutex::new(HashMap::new()),
-        }
+        Self { multi: MultiProgress::new(), bars: Mutex::new(HashMap::new()) }
     }
 
     fn bar(&self, digest: &str, total: u64) -> ProgressBar {
         let mut bars = self.bars.lock().expect("progress bars lock");
         bars.entry(digest.to_string())
             .or_insert_with(|| {
-                let style = ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-                )
-                .expect("valid progress template")
-                .progress_chars("=> ");
-                let short = digest
-                    .trim_start_matches("sha256:")
-                    .chars()
-                    .take(12)
-                    .collect::<String>();
-                self.multi
-                    .add(ProgressBar::new(total).with_style(style).with_prefix(short))
+                let style =
+                    ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+                        .expect("valid progress template")
+                        .progress_chars("=> ");
+                let short = digest.trim_start_matches("sha256:").chars().take(12).collect::<String>();
+                self.multi.add(ProgressBar::new(total).with_style(style).with_prefix(short))
             })
             .clone()
     }
@@ -160,10 +129,7 @@ impl PullProgress for Bars {
     }
 
     fn retrying(&self, what: &str, attempt: u32, wait: Duration, error: &ImageError) {
-        self.say(format!(
-            "{what}: {error}; retry {attempt} in {:.1}s",
-            wait.as_secs_f64()
-        ));
+        self.say(format!("{what}: {error}; retry {attempt} in {:.1}s", wait.as_secs_f64()));
     }
 
     fn unpacking(&self, digest: &str) {

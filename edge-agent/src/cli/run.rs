@@ -15,7 +15,8 @@ pub struct RunArgs {
 
 pub fn run(supervisor: &Supervisor, insecure_registries: &[String], args: RunArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
-    let spec = WorkloadSpec::parse(&text).with_context(|| format!("{} is not a valid workload spec", args.file.display()))?;
+    let spec =
+        WorkloadSpec::parse(&text).with_context(|| format!("{} is not a valid workload spec", args.file.display()))?;
     require_root()?;
     let image = super::pull::ensure_image(supervisor, insecure_registries, &spec.image)?;
     supervisor.create(&spec, &image)?;

@@ -25,7 +25,12 @@ pub fn check_limits(spec: &WorkloadSpec, proc_cgroups: &str) -> Result<(), Missi
         })
     };
     let wanted = [
-        (spec.resources.memory.is_some(), "resources.memory", "memory", " (on a Raspberry Pi add `cgroup_enable=memory cgroup_memory=1` to cmdline.txt)"),
+        (
+            spec.resources.memory.is_some(),
+            "resources.memory",
+            "memory",
+            " (on a Raspberry Pi add `cgroup_enable=memory cgroup_memory=1` to cmdline.txt)",
+        ),
         (spec.resources.cpus.is_some(), "resources.cpus", "cpu", ""),
         (spec.resources.pids.is_some(), "resources.pids", "pids", ""),
     ];
@@ -59,10 +64,7 @@ pub fn oom_kills(cgroups_path: &str) -> u64 {
 }
 
 fn counter(text: &str, key: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(key))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+    text.lines().find_map(|line| line.strip_prefix(key)).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -104,7 +104,7 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
             Some((n, entry.path()))
         })
         .collect();
-    rotated.sort_by(|a, b| b.0.cmp(&a.0));
+    rotated.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
     let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
     let current = dir.join(CURRENT);
     if current.exists() {

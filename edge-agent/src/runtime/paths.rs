@@ -31,10 +31,7 @@ impl Paths {
     }
 
     pub fn workload(&self, name: &str) -> WorkloadPaths {
-        WorkloadPaths {
-            dir: self.workloads().join(name),
-            run: self.run.join("workloads").join(name),
-        }
+        WorkloadPaths { dir: self.workloads().join(name), run: self.run.join("workloads").join(name) }
     }
 
     /// libcontainer's state root: one directory per container id.

@@ -38,7 +38,7 @@ use super::paths::{Paths, WorkloadPaths};
 use super::record::WorkloadRecord;
 use super::restart::{Decision, RestartTracker};
 use super::rootfs;
-use super::status::{process_start_time, unix_now, ExitStatus, State, WorkloadStatus};
+use super::status::{unix_now, ExitStatus, State, WorkloadStatus};
 
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
@@ -63,7 +63,8 @@ fn install_signal_handlers() -> nix::Result<OwnedFd> {
     WAKE_FD.store(wake_write.as_raw_fd(), Ordering::SeqCst);
     std::mem::forget(wake_write);
     // SA_RESTART so that libcontainer's own blocking calls are not cut short.
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART | SaFlags::SA_NOCLDSTOP, SigSet::empty());
+    let action =
+        SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART | SaFlags::SA_NOCLDSTOP, SigSet::empty());
     for signal in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         // SAFETY: the handler only touches atomics and calls write(2).
         unsafe { sigaction(signal, &action)? };
@@ -121,23 +122,11 @@ pub struct Shim {
 pub fn run(paths: Paths, name: &str, mut ready: Option<File>) -> Result<(), ShimError> {
     let wake = install_signal_handlers()?;
     let workload = paths.workload(name);
-    let record = WorkloadRecord::read(&workload.record()).map_err(|source| ShimError::Record { name: name.to_string(), source })?;
+    let record = WorkloadRecord::read(&workload.record())
+        .map_err(|source| ShimError::Record { name: name.to_string(), source })?;
     std::fs::create_dir_all(&workload.run)?;
     std::fs::create_dir_all(paths.containers())?;
-    let own_pid = std::process::id() as i32;
-    let status = WorkloadStatus {
-        name: name.to_string(),
-        state: State::Starting,
-        shim_pid: own_pid,
-        shim_start: process_start_time(own_pid).unwrap_or(0),
-        pid: None,
-        started_at: None,
-        restarts: 0,
-        crash_loop: false,
-        last_exit: None,
-        health: Health::None,
-        error: None,
-    };
+    let status = WorkloadStatus::starting(name, std::process::id() as i32);
     let log = RotatingLog::open(&workload.logs(), record.log_max_size, record.log_files)?;
     let mut shim = Shim {
         paths,
@@ -187,8 +176,13 @@ impl Shim {
 
     fn start_container(&mut self) -> Result<Running, String> {
         let name = self.name().to_string();
-        rootfs::mount_overlay(&self.record.layers, &self.workload.upper(), &self.workload.work(), &self.workload.rootfs())
-            .map_err(|e| e.to_string())?;
+        rootfs::mount_overlay(
+            &self.record.layers,
+            &self.workload.upper(),
+            &self.workload.work(),
+            &self.workload.rootfs(),
+        )
+        .map_err(|e| e.to_string())?;
         remove_leftover_container(&self.paths, &name);
 
         let (stdout_read, stdout_write) = pipe2(OFlag::O_CLOEXEC).map_err(|e| e.to_string())?;
@@ -206,9 +200,15 @@ impl Shim {
         }
         let pid = container.pid().ok_or("the runtime recorded no pid for the container")?;
         for fd in [&stdout_read, &stderr_read] {
-            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| e.to_string())?;
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                .map_err(|e| e.to_string())?;
         }
-        let health = self.record.spec.health.as_ref().map(|probe| (HealthTracker::new(started), started + probe.interval.min(Duration::from_secs(1))));
+        let health = self
+            .record
+            .spec
+            .health
+            .as_ref()
+            .map(|probe| (HealthTracker::new(started), started + probe.interval.min(Duration::from_secs(1))));
         self.status.state = State::Running;
         self.status.pid = Some(pid.as_raw());
         self.status.started_at = Some(unix_now());
@@ -365,7 +365,8 @@ impl Shim {
             let _ = kill(probe_pid, Signal::SIGKILL);
             let _ = waitpid(probe_pid, None);
         }
-        let oom_killed = self.record.spec.resources.memory.is_some() && cgroups::oom_kills(&self.record.cgroups_path) > 0;
+        let oom_killed =
+            self.record.spec.resources.memory.is_some() && cgroups::oom_kills(&self.record.cgroups_path) > 0;
         let (code, signal) = match status {
             WaitStatus::Exited(_, code) => (Some(code), None),
             WaitStatus::Signaled(_, signal, _) => (None, Some(signal.as_str().to_string())),
@@ -387,21 +388,27 @@ impl Shim {
             self.publish();
             return Phase::Done;
         }
+        self.decide_restart(success, ran_for, State::Exited)
+    }
+
+    /// Applies the restart policy to a run that ended; `final_state` is where
+    /// the workload rests when the policy says no more.
+    fn decide_restart(&mut self, success: bool, ran_for: Duration, final_state: State) -> Phase {
         let decision = self.restarts.on_exit(&self.record.spec.restart, success, ran_for);
         self.status.restarts = self.restarts.restarts;
         self.status.crash_loop = self.restarts.crash_looping(&self.record.spec.restart);
-        match decision {
+        let phase = match decision {
             Decision::RestartAfter(delay) => {
                 self.status.state = State::Backoff;
-                self.publish();
                 Phase::Backoff { until: Instant::now() + delay }
             }
             Decision::GiveUp => {
-                self.status.state = State::Exited;
-                self.publish();
+                self.status.state = final_state;
                 Phase::Done
             }
-        }
+        };
+        self.publish();
+        phase
     }
 
     fn restart(&mut self) -> Phase {
@@ -414,21 +421,7 @@ impl Shim {
                 // went away) counts as a quick failed run and backs off.
                 tracing::error!(workload = %self.name(), "restart failed: {e}");
                 self.status.error = Some(e);
-                let decision = self.restarts.on_exit(&self.record.spec.restart, false, Duration::ZERO);
-                self.status.restarts = self.restarts.restarts;
-                self.status.crash_loop = self.restarts.crash_looping(&self.record.spec.restart);
-                match decision {
-                    Decision::RestartAfter(delay) => {
-                        self.status.state = State::Backoff;
-                        self.publish();
-                        Phase::Backoff { until: Instant::now() + delay }
-                    }
-                    Decision::GiveUp => {
-                        self.status.state = State::Failed;
-                        self.publish();
-                        Phase::Done
-                    }
-                }
+                self.decide_restart(false, Duration::ZERO, State::Failed)
             }
         }
     }
@@ -494,7 +487,14 @@ impl Shim {
         ContainerBuilder::new(self.name().to_string(), SyscallType::default())
             .with_executor(DefaultExecutor {})
             .with_root_path(self.paths.containers())
-            .and_then(|b| b.with_stdout(stdout).with_stderr(stderr).as_tenant().with_container_args(command.to_vec()).with_detach(true).build())
+            .and_then(|b| {
+                b.with_stdout(stdout)
+                    .with_stderr(stderr)
+                    .as_tenant()
+                    .with_container_args(command.to_vec())
+                    .with_detach(true)
+                    .build()
+            })
             .map_err(|e| e.to_string())
     }
 

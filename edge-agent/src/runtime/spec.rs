@@ -184,10 +184,8 @@ fn process(w: &WorkloadSpec, image: &ImageConfig) -> Result<Value, SpecGenError>
     }
     let (uid, gid) = match w.user.as_deref().or(image.user.as_deref()).filter(|u| !u.is_empty()) {
         None => (0, 0),
-        Some(user) => parse_user(user).ok_or_else(|| SpecGenError::NamedUser {
-            workload: w.name.clone(),
-            user: user.to_string(),
-        })?,
+        Some(user) => parse_user(user)
+            .ok_or_else(|| SpecGenError::NamedUser { workload: w.name.clone(), user: user.to_string() })?,
     };
     let caps = capabilities(w)?;
     let cwd = w.working_dir.as_deref().or(image.working_dir.as_deref()).filter(|d| !d.is_empty()).unwrap_or("/");
@@ -226,10 +224,7 @@ fn capabilities(w: &WorkloadSpec) -> Result<Vec<String>, SpecGenError> {
     for name in &w.capabilities {
         let full = format!("CAP_{}", name.trim_start_matches("CAP_").to_ascii_uppercase());
         if serde_json::from_value::<Capability>(Value::String(full.clone())).is_err() {
-            return Err(SpecGenError::UnknownCapability {
-                workload: w.name.clone(),
-                name: name.clone(),
-            });
+            return Err(SpecGenError::UnknownCapability { workload: w.name.clone(), name: name.clone() });
         }
         if !caps.contains(&full) {
             caps.push(full);
@@ -241,12 +236,47 @@ fn capabilities(w: &WorkloadSpec) -> Result<Vec<String>, SpecGenError> {
 /// Every capability Linux numbers, 0 (CHOWN) to 40 (CHECKPOINT_RESTORE).
 fn all_capabilities() -> Vec<String> {
     const NAMES: &[&str] = &[
-        "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
-        "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
-        "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
-        "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
-        "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
-        "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
     ];
     NAMES.iter().map(|n| format!("CAP_{n}")).collect()
 }
@@ -271,10 +301,7 @@ fn mounts(w: &WorkloadSpec, ctx: &SpecContext) -> Result<Vec<Value>, SpecGenErro
         let source = match (&m.source, &m.volume) {
             (Some(source), _) => {
                 if !ctx.host.exists(source) {
-                    return Err(SpecGenError::MissingMountSource {
-                        workload: w.name.clone(),
-                        path: source.clone(),
-                    });
+                    return Err(SpecGenError::MissingMountSource { workload: w.name.clone(), path: source.clone() });
                 }
                 source.clone()
             }
@@ -295,7 +322,8 @@ fn bind(source: &Path, target: &str, read_only: bool) -> Value {
 }
 
 fn linux(w: &WorkloadSpec, ctx: &SpecContext) -> Result<Value, SpecGenError> {
-    let mut namespaces = vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
+    let mut namespaces =
+        vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
     if w.network == Network::None {
         namespaces.push(json!({"type": "network"}));
     }
@@ -327,7 +355,8 @@ fn linux(w: &WorkloadSpec, ctx: &SpecContext) -> Result<Value, SpecGenError> {
             "path": target, "type": typ, "major": node.major, "minor": node.minor,
             "fileMode": node.mode, "uid": node.uid, "gid": node.gid,
         }));
-        device_rules.push(json!({ "allow": true, "type": typ, "major": node.major, "minor": node.minor, "access": "rwm" }));
+        device_rules
+            .push(json!({ "allow": true, "type": typ, "major": node.major, "minor": node.minor, "access": "rwm" }));
     }
 
     let mut resources = json!({ "devices": device_rules });
@@ -351,13 +380,19 @@ fn linux(w: &WorkloadSpec, ctx: &SpecContext) -> Result<Value, SpecGenError> {
     });
     if !w.privileged {
         linux["maskedPaths"] = json!([
-            "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-            "/sys/firmware", "/sys/devices/virtual/powercap",
+            "/proc/acpi",
+            "/proc/asound",
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/latency_stats",
+            "/proc/timer_list",
+            "/proc/timer_stats",
+            "/proc/sched_debug",
+            "/proc/scsi",
+            "/sys/firmware",
+            "/sys/devices/virtual/powercap",
         ]);
-        linux["readonlyPaths"] = json!([
-            "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
-        ]);
+        linux["readonlyPaths"] = json!(["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",]);
         linux["seccomp"] = json!({
             "defaultAction": "SCMP_ACT_ALLOW",
             "syscalls": [{ "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM }],
@@ -535,7 +570,8 @@ mod tests {
         let w = WorkloadSpec::parse("name = \"a\"\nimage = \"x\"").unwrap();
         let image = ImageConfig { user: Some("nobody".into()), ..image() };
         let host = host();
-        let ctx = SpecContext { rootfs: Path::new("/r"), volumes: Path::new("/v"), cgroups_path: "/o/a".into(), host: &host };
+        let ctx =
+            SpecContext { rootfs: Path::new("/r"), volumes: Path::new("/v"), cgroups_path: "/o/a".into(), host: &host };
         let err = generate(&w, &image, &ctx).unwrap_err().to_string();
         assert!(err.contains("numeric uid"), "{err}");
     }

@@ -90,6 +90,23 @@ pub struct WorkloadStatus {
 }
 
 impl WorkloadStatus {
+    /// The first status a shim (process `shim_pid`) publishes.
+    pub fn starting(name: &str, shim_pid: i32) -> Self {
+        Self {
+            name: name.to_string(),
+            state: State::Starting,
+            shim_pid,
+            shim_start: process_start_time(shim_pid).unwrap_or(0),
+            pid: None,
+            started_at: None,
+            restarts: 0,
+            crash_loop: false,
+            last_exit: None,
+            health: Health::None,
+            error: None,
+        }
+    }
+
     pub fn read(path: &Path) -> std::io::Result<Self> {
         let bytes = std::fs::read(path)?;
         serde_json::from_slice(&bytes).map_err(std::io::Error::other)
@@ -133,25 +150,19 @@ mod tests {
 
     #[test]
     fn status_of_a_dead_shim_is_not_alive() {
-        let status = WorkloadStatus {
-            name: "a".into(),
-            state: State::Running,
-            shim_pid: std::process::id() as i32,
-            shim_start: process_start_time(std::process::id() as i32).unwrap() + 1,
-            pid: None,
-            started_at: None,
-            restarts: 0,
-            crash_loop: false,
-            last_exit: None,
-            health: Health::None,
-            error: None,
-        };
+        let mut status = WorkloadStatus::starting("a", std::process::id() as i32);
+        status.shim_start += 1;
         assert!(!status.shim_alive(), "same pid, other start time: a reused pid");
     }
 
     #[test]
     fn exit_descriptions_name_oom_code_or_signal() {
-        let exit = |code, signal: Option<&str>, oom_killed| ExitStatus { code, signal: signal.map(String::from), oom_killed, at: 0 };
+        let exit = |code, signal: Option<&str>, oom_killed| ExitStatus {
+            code,
+            signal: signal.map(String::from),
+            oom_killed,
+            at: 0,
+        };
         assert_eq!(exit(Some(3), None, false).describe(), "exit code 3");
         assert_eq!(exit(None, Some("SIGKILL"), true).describe(), "OOM-killed (memory limit)");
         assert_eq!(exit(None, Some("SIGTERM"), false).describe(), "killed by SIGTERM");

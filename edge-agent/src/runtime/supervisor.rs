@@ -101,7 +101,12 @@ impl Supervisor {
         let oci = spec::generate(
             spec,
             &image.config,
-            &SpecContext { rootfs: &workload.rootfs(), volumes: &self.paths.volumes(), cgroups_path: cgroups_path.clone(), host: &LinuxHost },
+            &SpecContext {
+                rootfs: &workload.rootfs(),
+                volumes: &self.paths.volumes(),
+                cgroups_path: cgroups_path.clone(),
+                host: &LinuxHost,
+            },
         )?;
         std::fs::create_dir_all(workload.bundle()).map_err(io("create its directory"))?;
         for volume in spec.mounts.iter().filter_map(|m| m.volume.as_ref()) {
@@ -136,8 +141,10 @@ impl Supervisor {
         }
         let io = |action: &'static str| move |source| RuntimeError::Io { name: name.to_string(), action, source };
         std::fs::create_dir_all(&workload.run).map_err(io("create its run directory"))?;
-        let shim_log = File::options().create(true).append(true).open(workload.shim_log()).map_err(io("open its shim log"))?;
-        let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("make a pipe")(e.into()))?;
+        let shim_log =
+            File::options().create(true).append(true).open(workload.shim_log()).map_err(io("open its shim log"))?;
+        let (ready_read, ready_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("make a pipe")(e.into()))?;
         let ready_fd = ready_write.as_raw_fd();
         let mut command = Command::new(&self.settings.shim_binary);
         command
@@ -166,17 +173,25 @@ impl Supervisor {
         let status = command.status().map_err(io("start its shim"))?;
         drop(ready_write);
         if !status.success() {
-            return Err(RuntimeError::StartFailed { name: name.to_string(), reason: format!("the shim exited with {status}; see {}", workload.shim_log().display()) });
+            return Err(RuntimeError::StartFailed {
+                name: name.to_string(),
+                reason: format!("the shim exited with {status}; see {}", workload.shim_log().display()),
+            });
         }
         let mut answer = String::new();
         File::from(ready_read).read_to_string(&mut answer).map_err(io("hear from its shim"))?;
         let answer = answer.trim();
         if let Some(pid) = answer.strip_prefix("ok ") {
-            return pid.parse().map_err(|_| RuntimeError::StartFailed { name: name.to_string(), reason: format!("the shim answered {answer:?}") });
+            return pid.parse().map_err(|_| RuntimeError::StartFailed {
+                name: name.to_string(),
+                reason: format!("the shim answered {answer:?}"),
+            });
         }
         let reason = match answer.strip_prefix("error ") {
             Some(reason) => reason.to_string(),
-            None => format!("the shim stopped before it could start the container; see {}", workload.shim_log().display()),
+            None => {
+                format!("the shim stopped before it could start the container; see {}", workload.shim_log().display())
+            }
         };
         Err(RuntimeError::StartFailed { name: name.to_string(), reason })
     }
@@ -218,9 +233,17 @@ impl Supervisor {
             None => "created".to_string(),
             Some(s) if !s.state.is_final() && !s.shim_alive() => "lost".to_string(),
             Some(s) if s.crash_loop && s.state != State::Stopped => "crash-loop".to_string(),
-            Some(s) => serde_json::to_value(s.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            Some(s) => {
+                serde_json::to_value(s.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+            }
         };
-        Ok(WorkloadInfo { name: name.to_string(), image: record.image, image_digest: record.image_digest, state, status })
+        Ok(WorkloadInfo {
+            name: name.to_string(),
+            image: record.image,
+            image_digest: record.image_digest,
+            state,
+            status,
+        })
     }
 
     /// Every workload on the device, by name.

@@ -37,10 +37,14 @@ fn parse_args() -> anyhow::Result<Args> {
             "--agent" => args.agent = value()?.into(),
             "--runc" => args.runc = value()?.into(),
             "--youki" => args.youki = Some(value()?.into()),
-            other => bail!("unknown flag {other}; usage: bench-start [--iterations N] [--agent PATH] [--runc PATH] [--youki PATH]"),
+            other => bail!(
+                "unknown flag {other}; usage: bench-start [--iterations N] [--agent PATH] [--runc PATH] [--youki PATH]"
+            ),
         }
     }
-    for (what, path) in [("edge-agent (cargo build --release -p edge-agent)", &args.agent), ("runc (apt-get install runc)", &args.runc)] {
+    for (what, path) in
+        [("edge-agent (cargo build --release -p edge-agent)", &args.agent), ("runc (apt-get install runc)", &args.runc)]
+    {
         if !path.exists() {
             bail!("needs {what} at {}", path.display());
         }
@@ -125,7 +129,14 @@ impl Stats {
         let median = sorted[sorted.len() / 2];
         let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
         let mean = sorted.iter().sum::<Duration>() / sorted.len() as u32;
-        format!("| {} | {:.1} | {:.1} | {:.1} | {:.1} |", self.name, Self::ms(median), Self::ms(p90), Self::ms(mean), Self::ms(sorted[0]))
+        format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            self.name,
+            Self::ms(median),
+            Self::ms(p90),
+            Self::ms(mean),
+            Self::ms(sorted[0])
+        )
     }
 }
 
@@ -140,7 +151,8 @@ fn main() -> anyhow::Result<()> {
         c.arg("--data-dir").arg(&data).arg("--run-dir").arg(&run).args(["--cgroup-parent", "outpost-bench"]).args(sub);
         c
     };
-    let status = agent(&["import", testkit::image::busybox_layout().to_str().unwrap()]).stdout(Stdio::null()).status()?;
+    let status =
+        agent(&["import", testkit::image::busybox_layout().to_str().unwrap()]).stdout(Stdio::null()).status()?;
     if !status.success() {
         bail!("importing the busybox image failed");
     }
@@ -168,7 +180,9 @@ fn main() -> anyhow::Result<()> {
     let runc_root = work.path().join("runc-state");
     for i in 0..args.iterations {
         let id = format!("bench-runc-{i}");
-        let (elapsed, _) = timed(Command::new(&args.runc).arg("--root").arg(&runc_root).args(["run", "-d", "-b"]).arg(&bundle).arg(&id))?;
+        let (elapsed, _) = timed(
+            Command::new(&args.runc).arg("--root").arg(&runc_root).args(["run", "-d", "-b"]).arg(&bundle).arg(&id),
+        )?;
         runc.samples.push(elapsed);
         quiet(Command::new(&args.runc).arg("--root").arg(&runc_root).args(["delete", "-f", &id]));
     }
@@ -178,7 +192,9 @@ fn main() -> anyhow::Result<()> {
         let youki_root = work.path().join("youki-state");
         for i in 0..args.iterations {
             let id = format!("bench-youki-{i}");
-            let (elapsed, _) = timed(Command::new(youki).arg("--root").arg(&youki_root).args(["run", "-d", "-b"]).arg(&bundle).arg(&id))?;
+            let (elapsed, _) = timed(
+                Command::new(youki).arg("--root").arg(&youki_root).args(["run", "-d", "-b"]).arg(&bundle).arg(&id),
+            )?;
             stats.samples.push(elapsed);
             quiet(Command::new(youki).arg("--root").arg(&youki_root).args(["delete", "-f", &id]));
         }

@@ -35,12 +35,7 @@ pub enum ImageError {
         "downloading {blob} from {registry} failed {attempts} times in a row ({detail}); \
          the partial download is kept and the next pull resumes it"
     )]
-    DownloadFailed {
-        blob: String,
-        registry: String,
-        attempts: u32,
-        detail: String,
-    },
+    DownloadFailed { blob: String, registry: String, attempts: u32, detail: String },
 
     #[error(
         "content of {blob} does not match its digest (got {actual}): the source is corrupt \
@@ -52,11 +47,7 @@ pub enum ImageError {
         "{blob} is {actual} bytes but its descriptor says {expected}: the source is corrupt \
          or was tampered with; nothing from it was stored"
     )]
-    SizeMismatch {
-        blob: String,
-        expected: u64,
-        actual: u64,
-    },
+    SizeMismatch { blob: String, expected: u64, actual: u64 },
 
     #[error(
         "no space left on the device holding {dir}: run `edge-agent gc` to remove unused \
@@ -76,14 +67,8 @@ pub enum ImageError {
     #[error("{what} is malformed: {detail}")]
     MalformedImage { what: String, detail: String },
 
-    #[error(
-        "layer {layer} is unsafe: entry {entry:?} {detail}; refusing the image (broken or malicious)"
-    )]
-    UnsafeLayer {
-        layer: String,
-        entry: String,
-        detail: String,
-    },
+    #[error("layer {layer} is unsafe: entry {entry:?} {detail}; refusing the image (broken or malicious)")]
+    UnsafeLayer { layer: String, entry: String, detail: String },
 
     #[error("the image store at {path} is damaged: {detail}")]
     CorruptStore { path: PathBuf, detail: String },
@@ -98,16 +83,9 @@ impl ImageError {
     pub(crate) fn io(path: &Path, source: io::Error) -> Self {
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => Self::NoSpace {
-                dir: if path.is_dir() {
-                    path.to_path_buf()
-                } else {
-                    path.parent().unwrap_or(path).to_path_buf()
-                },
+                dir: if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(path).to_path_buf() },
             },
-            _ => Self::Io {
-                path: path.to_path_buf(),
-                source,
-            },
+            _ => Self::Io { path: path.to_path_buf(), source },
         }
     }
 

@@ -42,9 +42,8 @@ impl ImageStore {
 
         let keep: HashSet<&str> = in_use.iter().map(String::as_str).collect();
         let drop_unused = |index: &mut Index| -> Vec<String> {
-            let (kept, removed) = std::mem::take(&mut index.images)
-                .into_iter()
-                .partition(|(_, digest)| keep.contains(digest.as_str()));
+            let (kept, removed) =
+                std::mem::take(&mut index.images).into_iter().partition(|(_, digest)| keep.contains(digest.as_str()));
             index.images = kept;
             removed.into_keys().collect()
         };
@@ -52,18 +51,12 @@ impl ImageStore {
         // leaves an image listed without its content. On a full disk, the
         // reserve makes room for that write.
         report.images_removed = match self.update_index(drop_unused) {
-            Err(e) if e.is_no_space() && self.release_reserve() => {
-                self.update_index(drop_unused)?
-            }
+            Err(e) if e.is_no_space() && self.release_reserve() => self.update_index(drop_unused)?,
             other => other?,
         };
 
         let index = Index::load(&self.index_path())?;
-        let roots = index
-            .images
-            .values()
-            .chain(in_use)
-            .filter_map(|d| d.parse::<Digest>().ok());
+        let roots = index.images.values().chain(in_use).filter_map(|d| d.parse::<Digest>().ok());
         let (blobs, layers) = self.live(roots)?;
 
         // Nothing else runs now: everything in tmp/ is left over from a crash.
@@ -73,12 +66,8 @@ impl ImageStore {
         }
         for entry in read_dir(&self.partial_dir())? {
             let stored = hex_digest(&entry).is_some_and(|d| self.has_blob(&d));
-            let modified = fs::symlink_metadata(&entry)
-                .and_then(|m| m.modified())
-                .at(&entry)?;
-            let age = SystemTime::now()
-                .duration_since(modified)
-                .unwrap_or_default();
+            let modified = fs::symlink_metadata(&entry).and_then(|m| m.modified()).at(&entry)?;
+            let age = SystemTime::now().duration_since(modified).unwrap_or_default();
             if stored || age > PARTIAL_MAX_AGE {
                 report.bytes_freed += remove(&entry)?;
                 report.temporaries_removed += 1;
@@ -104,18 +93,14 @@ impl ImageStore {
     }
 
     /// The blobs and layers reachable from the given manifest digests.
-    fn live(
-        &self,
-        roots: impl Iterator<Item = Digest>,
-    ) -> Result<(HashSet<Digest>, HashSet<Digest>), ImageError> {
+    fn live(&self, roots: impl Iterator<Item = Digest>) -> Result<(HashSet<Digest>, HashSet<Digest>), ImageError> {
         let (mut blobs, mut layers) = (HashSet::new(), HashSet::new());
         for root in roots {
             if !self.has_blob(&root) || !blobs.insert(root) {
                 continue;
             }
             let what = root.to_string();
-            let Manifest::Image(manifest) = oci::parse_manifest(&self.read_blob(&root)?, &what)?
-            else {
+            let Manifest::Image(manifest) = oci::parse_manifest(&self.read_blob(&root)?, &what)? else {
                 continue;
             };
             let config_digest = oci::descriptor_digest(manifest.config())?;
@@ -133,10 +118,7 @@ impl ImageStore {
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<std::path::PathBuf>, ImageError> {
-    fs::read_dir(dir)
-        .at(dir)?
-        .map(|e| e.map(|e| e.path()).at(dir))
-        .collect()
+    fs::read_dir(dir).at(dir)?.map(|e| e.map(|e| e.path()).at(dir)).collect()
 }
 
 fn hex_digest(path: &Path) -> Option<Digest> {
@@ -183,11 +165,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(&dir.path().join("images")).unwrap();
         let used = write_layout(&dir.path().join("used"), Some("used:1"), &[("a", b"used")]);
-        let unused = write_layout(
-            &dir.path().join("unused"),
-            Some("unused:1"),
-            &[("a", b"unused")],
-        );
+        let unused = write_layout(&dir.path().join("unused"), Some("unused:1"), &[("a", b"unused")]);
         store.import(&dir.path().join("used")).unwrap();
         let doomed = store.import(&dir.path().join("unused")).unwrap().remove(0);
 
@@ -215,9 +193,6 @@ mod tests {
         let report = store.gc(&[]).unwrap();
         assert_eq!(report.temporaries_removed, 2);
         assert!(!store.partial_path(&stored).exists());
-        assert!(
-            store.partial_path(&pending).exists(),
-            "a recent partial is kept for the next pull"
-        );
+        assert!(store.partial_path(&pending).exists(), "a recent partial is kept for the next pull");
     }
 }

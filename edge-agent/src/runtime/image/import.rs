@@ -47,13 +47,7 @@ impl ImageStore {
         };
         let index = ImageIndex::from_reader(&index_json[..])
             .map_err(|e| malformed(path, format!("index.json is not an OCI index: {e}")))?;
-        let mut import = Import {
-            store: self,
-            path,
-            source,
-            staging,
-            used: HashMap::new(),
-        };
+        let mut import = Import { store: self, path, source, staging, used: HashMap::new() };
         import.run(&index)
     }
 
@@ -65,11 +59,7 @@ impl ImageStore {
             let head = io::BufRead::fill_buf(&mut file).at(path)?;
             head.starts_with(&[0x1f, 0x8b])
         };
-        let reader: Box<dyn Read> = if gzipped {
-            Box::new(MultiGzDecoder::new(file))
-        } else {
-            Box::new(file)
-        };
+        let reader: Box<dyn Read> = if gzipped { Box::new(MultiGzDecoder::new(file)) } else { Box::new(file) };
         let unreadable = |e: io::Error| malformed(path, format!("cannot read it as a tar: {e}"));
         let mut archive = tar::Archive::new(reader);
         let (mut index_json, mut layout) = (None, None);
@@ -81,12 +71,7 @@ impl ImageStore {
                 match component {
                     Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
                     Component::CurDir | Component::RootDir => {}
-                    _ => {
-                        return Err(malformed(
-                            path,
-                            format!("entry {raw:?} has a '..' component"),
-                        ))
-                    }
+                    _ => return Err(malformed(path, format!("entry {raw:?} has a '..' component"))),
                 }
             }
             if !entry.header().entry_type().is_file() {
@@ -96,9 +81,8 @@ impl ImageStore {
                 ["index.json"] => index_json = Some(read_limited(&mut entry).map_err(unreadable)?),
                 ["oci-layout"] => layout = Some(read_limited(&mut entry).map_err(unreadable)?),
                 ["blobs", "sha256", hex] => {
-                    let digest = Digest::from_hex(hex).map_err(|_| {
-                        malformed(path, format!("blob name {raw:?} is not a sha256 digest"))
-                    })?;
+                    let digest = Digest::from_hex(hex)
+                        .map_err(|_| malformed(path, format!("blob name {raw:?} is not a sha256 digest")))?;
                     if !self.has_blob(&digest) {
                         copy_verified(&mut entry, &staging.join(hex), &digest, path)?;
                     }
@@ -165,10 +149,7 @@ impl Import<'_> {
                 _ => image.digest.to_string(),
             };
             self.store.record(&reference, &image.digest)?;
-            images.push(
-                self.store
-                    .load_image(&reference, &image.digest.to_string())?,
-            );
+            images.push(self.store.load_image(&reference, &image.digest.to_string())?);
         }
         Ok(images)
     }
@@ -177,11 +158,7 @@ impl Import<'_> {
     /// nested indexes resolve to this platform; an entry for another
     /// platform is skipped.
     fn choose(&mut self, desc: &Descriptor) -> Result<Option<Chosen>, ImageError> {
-        let name = desc
-            .annotations()
-            .as_ref()
-            .and_then(|a| a.get(REF_NAME))
-            .cloned();
+        let name = desc.annotations().as_ref().and_then(|a| a.get(REF_NAME)).cloned();
         let mut desc = desc.clone();
         loop {
             let digest = oci::descriptor_digest(&desc)?;
@@ -189,14 +166,11 @@ impl Import<'_> {
             let bytes = fs::read(&staged).at(&staged)?;
             match oci::parse_manifest(&bytes, &digest.to_string())? {
                 Manifest::Image(manifest) => {
-                    let foreign = desc.platform().as_ref().is_some_and(|p| {
-                        format!("{}/{}", p.os(), p.architecture()) != oci::this_platform()
-                    });
-                    return Ok((!foreign).then_some(Chosen {
-                        name,
-                        digest,
-                        manifest,
-                    }));
+                    let foreign = desc
+                        .platform()
+                        .as_ref()
+                        .is_some_and(|p| format!("{}/{}", p.os(), p.architecture()) != oci::this_platform());
+                    return Ok((!foreign).then_some(Chosen { name, digest, manifest }));
                 }
                 Manifest::Index(nested) => {
                     desc = oci::select_platform(&nested, &digest.to_string())?.clone();
@@ -214,8 +188,7 @@ impl Import<'_> {
         for (layer, diff_id) in image.manifest.layers().iter().zip(diff_ids) {
             let compression = oci::layer_compression(layer)?;
             let staged = self.blob(layer)?;
-            self.store
-                .ensure_layer(&staged, layer.digest().as_ref(), compression, &diff_id)?;
+            self.store.ensure_layer(&staged, layer.digest().as_ref(), compression, &diff_id)?;
         }
         Ok(())
     }
@@ -232,9 +205,8 @@ impl Import<'_> {
             match self.source {
                 Source::Layout(dir) => {
                     let src = dir.join("blobs").join("sha256").join(digest.hex());
-                    let file = File::open(&src).map_err(|e| {
-                        malformed(self.path, format!("blob {digest} is missing ({e})"))
-                    })?;
+                    let file = File::open(&src)
+                        .map_err(|e| malformed(self.path, format!("blob {digest} is missing ({e})")))?;
                     copy_verified(&mut BufReader::new(file), &staged, &digest, self.path)?;
                 }
                 Source::Archive => {
@@ -244,11 +216,7 @@ impl Import<'_> {
         }
         let size = fs::metadata(&staged).at(&staged)?.len();
         if size != desc.size() {
-            return Err(ImageError::SizeMismatch {
-                blob: digest.to_string(),
-                expected: desc.size(),
-                actual: size,
-            });
+            return Err(ImageError::SizeMismatch { blob: digest.to_string(), expected: desc.size(), actual: size });
         }
         self.used.insert(digest, staged.clone());
         Ok(staged)
@@ -257,18 +225,11 @@ impl Import<'_> {
 
 /// Copies `reader` to `dest` (fsync'd), refusing content that does not hash
 /// to `digest`. Read failures are the source's fault, write failures the disk's.
-fn copy_verified(
-    reader: &mut impl Read,
-    dest: &Path,
-    digest: &Digest,
-    source: &Path,
-) -> Result<(), ImageError> {
+fn copy_verified(reader: &mut impl Read, dest: &Path, digest: &Digest, source: &Path) -> Result<(), ImageError> {
     let mut out = HashingWriter::new(File::create(dest).at(dest)?);
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|e| malformed(source, format!("cannot read blob {digest}: {e}")))?;
+        let n = reader.read(&mut buf).map_err(|e| malformed(source, format!("cannot read blob {digest}: {e}")))?;
         if n == 0 {
             break;
         }
@@ -278,10 +239,7 @@ fn copy_verified(
     file.sync_all().at(dest)?;
     if actual != *digest {
         drop(fs::remove_file(dest));
-        return Err(ImageError::DigestMismatch {
-            blob: digest.to_string(),
-            actual: actual.to_string(),
-        });
+        return Err(ImageError::DigestMismatch { blob: digest.to_string(), actual: actual.to_string() });
     }
     Ok(())
 }
@@ -290,14 +248,11 @@ fn check_layout_version(layout: &Option<Vec<u8>>, path: &Path) -> Result<(), Ima
     let Some(bytes) = layout else {
         return Err(malformed(path, "it has no oci-layout file".to_string()));
     };
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| malformed(path, format!("oci-layout is not JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| malformed(path, format!("oci-layout is not JSON: {e}")))?;
     match value.get("imageLayoutVersion").and_then(|v| v.as_str()) {
         Some(v) if v.starts_with("1.") => Ok(()),
-        other => Err(malformed(
-            path,
-            format!("unsupported imageLayoutVersion {other:?}"),
-        )),
+        other => Err(malformed(path, format!("unsupported imageLayoutVersion {other:?}"))),
     }
 }
 
@@ -311,10 +266,7 @@ fn read_limited(reader: impl Read) -> io::Result<Vec<u8>> {
 }
 
 fn malformed(path: &Path, detail: String) -> ImageError {
-    ImageError::MalformedArchive {
-        path: path.to_path_buf(),
-        detail,
-    }
+    ImageError::MalformedArchive { path: path.to_path_buf(), detail }
 }
 
 #[cfg(test)]
@@ -340,10 +292,7 @@ mod tests {
         let store = ImageStore::open(&dir.path().join("images")).unwrap();
         let err = store.import(&layout).unwrap_err();
         let name = blob.file_name().unwrap().to_str().unwrap();
-        assert!(
-            matches!(err, ImageError::DigestMismatch { ref blob, .. } if blob.ends_with(name)),
-            "{err}"
-        );
+        assert!(matches!(err, ImageError::DigestMismatch { ref blob, .. } if blob.ends_with(name)), "{err}");
         assert!(store.list().unwrap().is_empty());
         for sub in [store.blobs_dir(), store.layers_dir(), store.tmp_dir()] {
             assert!(is_empty(&sub), "{} is not empty", sub.display());

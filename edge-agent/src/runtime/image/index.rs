@@ -37,10 +37,7 @@ impl Index {
 
     /// References that point at `digest`, sorted.
     pub fn references_of<'a>(&'a self, digest: &'a str) -> impl Iterator<Item = &'a String> + 'a {
-        self.images
-            .iter()
-            .filter(move |(_, d)| *d == digest)
-            .map(|(r, _)| r)
+        self.images.iter().filter(move |(_, d)| *d == digest).map(|(r, _)| r)
     }
 }
 
@@ -74,12 +71,10 @@ pub(crate) fn quick_normalize(reference: &str) -> String {
 }
 
 pub(crate) fn parse_reference(reference: &str) -> Result<Reference, ImageError> {
-    reference
-        .parse()
-        .map_err(|e: oci_client::ParseError| ImageError::InvalidReference {
-            reference: reference.to_string(),
-            detail: e.to_string(),
-        })
+    reference.parse().map_err(|e: oci_client::ParseError| ImageError::InvalidReference {
+        reference: reference.to_string(),
+        detail: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -91,10 +86,7 @@ mod tests {
         let long = normalize("docker.io/library/busybox:latest").unwrap();
         assert_eq!(normalize("busybox").unwrap(), long);
         assert_eq!(normalize("busybox:latest").unwrap(), long);
-        assert_eq!(
-            normalize("127.0.0.1:5000/app:1").unwrap(),
-            "127.0.0.1:5000/app:1"
-        );
+        assert_eq!(normalize("127.0.0.1:5000/app:1").unwrap(), "127.0.0.1:5000/app:1");
     }
 
     #[test]
@@ -130,10 +122,7 @@ mod tests {
         index.save(&path).unwrap();
         let loaded = Index::load(&path).unwrap();
         assert_eq!(loaded, index);
-        assert_eq!(
-            loaded.references_of("sha256:x").collect::<Vec<_>>(),
-            ["a:1", "b:1"]
-        );
+        assert_eq!(loaded.references_of("sha256:x").collect::<Vec<_>>(), ["a:1", "b:1"]);
     }
 
     #[test]
@@ -141,9 +130,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.json");
         std::fs::write(&path, b"{not json").unwrap();
-        assert!(matches!(
-            Index::load(&path),
-            Err(ImageError::CorruptStore { .. })
-        ));
+        assert!(matches!(Index::load(&path), Err(ImageError::CorruptStore { .. })));
     }
 }

@@ -1,9 +1,7 @@
 //! Reading OCI (and Docker v2) manifests, indexes and configs: which media
 //! types we accept, which platform we pick, what the config says.
 
-use oci_spec::image::{
-    Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os,
-};
+use oci_spec::image::{Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os};
 use ota::Digest;
 use serde::Deserialize;
 
@@ -47,19 +45,13 @@ struct Probe {
 }
 
 pub(crate) fn parse_manifest(bytes: &[u8], what: &str) -> Result<Manifest, ImageError> {
-    let malformed = |detail: String| ImageError::MalformedImage {
-        what: what.to_string(),
-        detail,
-    };
+    let malformed = |detail: String| ImageError::MalformedImage { what: what.to_string(), detail };
     let probe: Probe = serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
     let is_index = match probe.media_type.as_deref() {
         Some("application/vnd.oci.image.index.v1+json") | Some(DOCKER_MANIFEST_LIST) => true,
         Some("application/vnd.oci.image.manifest.v1+json") | Some(DOCKER_MANIFEST) => false,
         Some(other) => {
-            return Err(ImageError::UnsupportedMediaType {
-                what: what.to_string(),
-                media_type: other.to_string(),
-            })
+            return Err(ImageError::UnsupportedMediaType { what: what.to_string(), media_type: other.to_string() })
         }
         None => probe.manifests.is_some(),
     };
@@ -90,10 +82,7 @@ fn check_media_types(manifest: &ImageManifest, what: &str) -> Result<(), ImageEr
         layer_compression(layer)?;
     }
     if manifest.layers().is_empty() {
-        return Err(ImageError::MalformedImage {
-            what: what.to_string(),
-            detail: "it has no layers".to_string(),
-        });
+        return Err(ImageError::MalformedImage { what: what.to_string(), detail: "it has no layers".to_string() });
     }
     Ok(())
 }
@@ -101,15 +90,9 @@ fn check_media_types(manifest: &ImageManifest, what: &str) -> Result<(), ImageEr
 pub(crate) fn layer_compression(layer: &Descriptor) -> Result<Compression, ImageError> {
     match layer.media_type() {
         MediaType::ImageLayer | MediaType::ImageLayerNonDistributable => Ok(Compression::None),
-        MediaType::ImageLayerGzip | MediaType::ImageLayerNonDistributableGzip => {
-            Ok(Compression::Gzip)
-        }
-        MediaType::ImageLayerZstd | MediaType::ImageLayerNonDistributableZstd => {
-            Ok(Compression::Zstd)
-        }
-        MediaType::Other(t) if t == DOCKER_LAYER_GZIP || t == DOCKER_FOREIGN_LAYER_GZIP => {
-            Ok(Compression::Gzip)
-        }
+        MediaType::ImageLayerGzip | MediaType::ImageLayerNonDistributableGzip => Ok(Compression::Gzip),
+        MediaType::ImageLayerZstd | MediaType::ImageLayerNonDistributableZstd => Ok(Compression::Zstd),
+        MediaType::Other(t) if t == DOCKER_LAYER_GZIP || t == DOCKER_FOREIGN_LAYER_GZIP => Ok(Compression::Gzip),
         MediaType::Other(t) if t == DOCKER_LAYER_TAR => Ok(Compression::None),
         other => Err(ImageError::UnsupportedMediaType {
             what: format!("layer {}", layer.digest()),
@@ -124,31 +107,20 @@ pub(crate) fn descriptor_digest(desc: &Descriptor) -> Result<Digest, ImageError>
 }
 
 pub(crate) fn parse_digest(s: &str) -> Result<Digest, ImageError> {
-    s.parse()
-        .map_err(|e: ota::DigestParseError| ImageError::MalformedImage {
-            what: format!("digest {s}"),
-            detail: e.to_string(),
-        })
+    s.parse().map_err(|e: ota::DigestParseError| ImageError::MalformedImage {
+        what: format!("digest {s}"),
+        detail: e.to_string(),
+    })
 }
 
 /// The entry of an index for this machine's OS and architecture.
-pub(crate) fn select_platform<'a>(
-    index: &'a ImageIndex,
-    reference: &str,
-) -> Result<&'a Descriptor, ImageError> {
+pub(crate) fn select_platform<'a>(index: &'a ImageIndex, reference: &str) -> Result<&'a Descriptor, ImageError> {
     let (os, arch) = (Os::default(), Arch::default());
     index
         .manifests()
         .iter()
-        .find(|m| {
-            m.platform()
-                .as_ref()
-                .is_some_and(|p| *p.os() == os && *p.architecture() == arch)
-        })
-        .ok_or_else(|| ImageError::NoMatchingPlatform {
-            reference: reference.to_string(),
-            platform: this_platform(),
-        })
+        .find(|m| m.platform().as_ref().is_some_and(|p| *p.os() == os && *p.architecture() == arch))
+        .ok_or_else(|| ImageError::NoMatchingPlatform { reference: reference.to_string(), platform: this_platform() })
 }
 
 pub(crate) fn this_platform() -> String {
@@ -156,10 +128,8 @@ pub(crate) fn this_platform() -> String {
 }
 
 pub(crate) fn parse_config(bytes: &[u8], what: &str) -> Result<ImageConfiguration, ImageError> {
-    ImageConfiguration::from_reader(bytes).map_err(|e| ImageError::MalformedImage {
-        what: what.to_string(),
-        detail: e.to_string(),
-    })
+    ImageConfiguration::from_reader(bytes)
+        .map_err(|e| ImageError::MalformedImage { what: what.to_string(), detail: e.to_string() })
 }
 
 /// Diff-ids of the layers, lowest first; one per layer of the manifest.
@@ -217,19 +187,13 @@ mod tests {
             "application/vnd.oci.image.layer.v1.tar",
             DOCKER_LAYER_GZIP,
         ] {
-            assert!(matches!(
-                parse_manifest(manifest_with_layer(t).as_bytes(), "m"),
-                Ok(Manifest::Image(_))
-            ));
+            assert!(matches!(parse_manifest(manifest_with_layer(t).as_bytes(), "m"), Ok(Manifest::Image(_))));
         }
     }
 
     #[test]
     fn a_layer_of_unknown_media_type_is_refused_before_download() {
-        let err = parse_manifest(
-            manifest_with_layer("application/x-squashfs").as_bytes(),
-            "m",
-        );
+        let err = parse_manifest(manifest_with_layer("application/x-squashfs").as_bytes(), "m");
         assert!(
             matches!(err, Err(ImageError::UnsupportedMediaType { media_type, .. }) if media_type == "application/x-squashfs")
         );
@@ -248,10 +212,7 @@ mod tests {
             panic!("not parsed as an index");
         };
         let chosen = select_platform(&index, "r").unwrap();
-        assert_eq!(
-            chosen.digest().to_string(),
-            format!("sha256:{}", "b".repeat(64))
-        );
+        assert_eq!(chosen.digest().to_string(), format!("sha256:{}", "b".repeat(64)));
     }
 
     #[test]

@@ -91,16 +91,9 @@ impl ImageStore {
             read_timeout: Some(opts.timeout),
             ..Default::default()
         });
-        Puller {
-            store: self,
-            client,
-            registry: parsed.registry().to_string(),
-            reference: parsed,
-            opts,
-            progress,
-        }
-        .run()
-        .await
+        Puller { store: self, client, registry: parsed.registry().to_string(), reference: parsed, opts, progress }
+            .run()
+            .await
     }
 }
 
@@ -121,10 +114,7 @@ struct Failure {
 
 impl From<ImageError> for Failure {
     fn from(error: ImageError) -> Self {
-        Self {
-            error,
-            transient: false,
-        }
+        Self { error, transient: false }
     }
 }
 
@@ -136,14 +126,9 @@ impl Puller<'_> {
             Manifest::Image(manifest) => (bytes, digest, manifest),
             Manifest::Index(index) => {
                 let entry = oci::descriptor_digest(oci::select_platform(&index, &whole)?)?;
-                let (bytes, digest) = self
-                    .manifest(&self.reference.clone_with_digest(entry.to_string()))
-                    .await?;
+                let (bytes, digest) = self.manifest(&self.reference.clone_with_digest(entry.to_string())).await?;
                 if digest != entry {
-                    return Err(ImageError::DigestMismatch {
-                        blob: entry.to_string(),
-                        actual: digest.to_string(),
-                    });
+                    return Err(ImageError::DigestMismatch { blob: entry.to_string(), actual: digest.to_string() });
                 }
                 match oci::parse_manifest(&bytes, &whole)? {
                     Manifest::Image(manifest) => (bytes, digest, manifest),
@@ -181,10 +166,7 @@ impl Puller<'_> {
         let digest = Digest::of(&bytes);
         if let Some(expected) = reference.digest() {
             if expected != digest.to_string() {
-                return Err(ImageError::DigestMismatch {
-                    blob: expected.to_string(),
-                    actual: digest.to_string(),
-                });
+                return Err(ImageError::DigestMismatch { blob: expected.to_string(), actual: digest.to_string() });
             }
         }
         Ok((bytes.to_vec(), digest))
@@ -201,10 +183,7 @@ impl Puller<'_> {
         loop {
             match request().await {
                 Ok(value) => return Ok(value),
-                Err(Failure {
-                    error,
-                    transient: false,
-                }) => return Err(error),
+                Err(Failure { error, transient: false }) => return Err(error),
                 Err(Failure { error, .. }) if failures >= self.opts.retries => return Err(error),
                 Err(Failure { error, .. }) => {
                     failures += 1;
@@ -217,10 +196,7 @@ impl Puller<'_> {
     }
 
     fn backoff(&self, failures: u32) -> Duration {
-        self.opts
-            .backoff
-            .saturating_mul(1 << (failures - 1).min(16))
-            .min(MAX_BACKOFF)
+        self.opts.backoff.saturating_mul(1 << (failures - 1).min(16)).min(MAX_BACKOFF)
     }
 
     /// Downloads a blob into the store unless it is there, resuming what an
@@ -247,13 +223,7 @@ impl Puller<'_> {
         }
         let mut file = tokio::fs::File::from_std(lock.try_clone().at(&path)?);
         file.seek(SeekFrom::End(0)).await.at(&path)?;
-        let mut download = Download {
-            file,
-            hasher,
-            path: path.clone(),
-            name: name.clone(),
-            size,
-        };
+        let mut download = Download { file, hasher, path: path.clone(), name: name.clone(), size };
         if download.hasher.byte_count() > size {
             download.restart().await?;
         }
@@ -263,14 +233,8 @@ impl Puller<'_> {
             let before = download.hasher.byte_count();
             match self.attempt(&mut download).await {
                 Ok(()) => break,
-                Err(Failure {
-                    error,
-                    transient: false,
-                }) => {
-                    if matches!(
-                        error,
-                        ImageError::DigestMismatch { .. } | ImageError::SizeMismatch { .. }
-                    ) {
+                Err(Failure { error, transient: false }) => {
+                    if matches!(error, ImageError::DigestMismatch { .. } | ImageError::SizeMismatch { .. }) {
                         // Resuming bad content cannot make it good.
                         drop(std::fs::remove_file(&path));
                     }
@@ -301,10 +265,7 @@ impl Puller<'_> {
         let actual = hasher.finish();
         if actual != digest {
             drop(std::fs::remove_file(&path));
-            return Err(ImageError::DigestMismatch {
-                blob: name,
-                actual: actual.to_string(),
-            });
+            return Err(ImageError::DigestMismatch { blob: name, actual: actual.to_string() });
         }
         self.store.install_blob(&path, &digest)?;
         sync_dir(&self.store.partial_dir())?;
@@ -319,10 +280,7 @@ impl Puller<'_> {
         if offset < download.size {
             let layer = download.name.as_str();
             let stream = if offset == 0 {
-                self.client
-                    .pull_blob_stream(&self.reference, layer)
-                    .await
-                    .map_err(|e| self.classify(e))?
+                self.client.pull_blob_stream(&self.reference, layer).await.map_err(|e| self.classify(e))?
             } else {
                 match self
                     .client
@@ -338,8 +296,7 @@ impl Puller<'_> {
                     }
                 }
             };
-            self.progress
-                .blob_started(&download.name, download.hasher.byte_count(), download.size);
+            self.progress.blob_started(&download.name, download.hasher.byte_count(), download.size);
             let received = self.receive(download, stream).await;
             download.file.flush().await.at(&download.path)?;
             received?;
@@ -356,11 +313,7 @@ impl Puller<'_> {
         Ok(())
     }
 
-    async fn receive(
-        &self,
-        download: &mut Download,
-        mut stream: SizedStream,
-    ) -> Result<(), Failure> {
+    async fn receive(&self, download: &mut Download, mut stream: SizedStream) -> Result<(), Failure> {
         let mut unsynced = 0u64;
         while let Some(chunk) = stream.next().await {
             let bytes = chunk.map_err(|e| self.stream_failure(&download.name, e))?;
@@ -380,8 +333,7 @@ impl Puller<'_> {
                 download.file.sync_data().await.at(&download.path)?;
                 unsynced = 0;
             }
-            self.progress
-                .blob_progress(&download.name, done, download.size);
+            self.progress.blob_progress(&download.name, done, download.size);
         }
         Ok(())
     }
@@ -399,12 +351,7 @@ impl Puller<'_> {
             self.progress.unpacking(&digest.to_string());
             let store = self.store.clone();
             tokio::task::spawn_blocking(move || {
-                store.ensure_layer(
-                    &store.blob_path(&digest),
-                    &digest.to_string(),
-                    compression,
-                    &diff_id,
-                )
+                store.ensure_layer(&store.blob_path(&digest), &digest.to_string(), compression, &diff_id)
             })
             .await
             .expect("unpacking does not panic")?;
@@ -417,29 +364,16 @@ impl Puller<'_> {
     fn classify(&self, error: OciDistributionError) -> Failure {
         let reference = self.reference.whole();
         let registry = self.registry.clone();
-        let not_found = || ImageError::NotFound {
-            reference: reference.clone(),
-            registry: registry.clone(),
-        };
-        let unauthorized = || ImageError::Unauthorized {
-            reference: reference.clone(),
-            registry: registry.clone(),
-        };
+        let not_found = || ImageError::NotFound { reference: reference.clone(), registry: registry.clone() };
+        let unauthorized = || ImageError::Unauthorized { reference: reference.clone(), registry: registry.clone() };
         let other = |detail: String, transient: bool| Failure {
-            error: ImageError::Registry {
-                registry: registry.clone(),
-                detail,
-            },
+            error: ImageError::Registry { registry: registry.clone(), detail },
             transient,
         };
         match error {
-            OciDistributionError::RequestError(e) if e.is_connect() => Failure {
-                error: ImageError::RegistryUnreachable {
-                    registry,
-                    detail: chain(&e),
-                },
-                transient: true,
-            },
+            OciDistributionError::RequestError(e) if e.is_connect() => {
+                Failure { error: ImageError::RegistryUnreachable { registry, detail: chain(&e) }, transient: true }
+            }
             OciDistributionError::RequestError(e) => other(chain(&e), true),
             OciDistributionError::RegistryError { envelope, .. } => {
                 let codes: Vec<_> = envelope.errors.iter().map(|e| &e.code).collect();
@@ -453,43 +387,26 @@ impl Puller<'_> {
                     )
                 }) {
                     not_found().into()
-                } else if codes
-                    .iter()
-                    .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
-                {
+                } else if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
                     unauthorized().into()
                 } else {
-                    let busy = codes
-                        .iter()
-                        .any(|c| matches!(c, OciErrorCode::Toomanyrequests));
+                    let busy = codes.iter().any(|c| matches!(c, OciErrorCode::Toomanyrequests));
                     other(envelope.to_string(), busy)
                 }
             }
             OciDistributionError::ServerError { code: 404, .. }
             | OciDistributionError::ImageManifestNotFoundError(_) => not_found().into(),
-            OciDistributionError::ServerError {
-                code: 401 | 403, ..
-            }
+            OciDistributionError::ServerError { code: 401 | 403, .. }
             | OciDistributionError::UnauthorizedError { .. }
             | OciDistributionError::AuthenticationFailure(_) => unauthorized().into(),
-            OciDistributionError::ServerError { code, message, .. } => other(
-                format!("HTTP {code}: {message}"),
-                code == 429 || code >= 500,
-            ),
-            OciDistributionError::DigestError(DigestError::VerificationError {
-                expected,
-                actual,
-            }) => ImageError::DigestMismatch {
-                blob: expected,
-                actual,
+            OciDistributionError::ServerError { code, message, .. } => {
+                other(format!("HTTP {code}: {message}"), code == 429 || code >= 500)
             }
-            .into(),
+            OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
+                ImageError::DigestMismatch { blob: expected, actual }.into()
+            }
             OciDistributionError::UnsupportedMediaTypeError(media_type) => {
-                ImageError::UnsupportedMediaType {
-                    what: reference,
-                    media_type,
-                }
-                .into()
+                ImageError::UnsupportedMediaType { what: reference, media_type }.into()
             }
             e => other(e.to_string(), false),
         }
@@ -498,21 +415,13 @@ impl Puller<'_> {
     /// A blob stream broke off: a digest failure from oci-client's own check
     /// is final, anything else is a connection problem worth resuming.
     fn stream_failure(&self, blob: &str, error: std::io::Error) -> Failure {
-        if let Some(DigestError::VerificationError { actual, .. }) = error
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<DigestError>())
+        if let Some(DigestError::VerificationError { actual, .. }) =
+            error.get_ref().and_then(|e| e.downcast_ref::<DigestError>())
         {
-            return ImageError::DigestMismatch {
-                blob: blob.to_string(),
-                actual: actual.clone(),
-            }
-            .into();
+            return ImageError::DigestMismatch { blob: blob.to_string(), actual: actual.clone() }.into();
         }
         Failure {
-            error: ImageError::Registry {
-                registry: self.registry.clone(),
-                detail: chain(&error),
-            },
+            error: ImageError::Registry { registry: self.registry.clone(), detail: chain(&error) },
             transient: true,
         }
     }
@@ -540,13 +449,7 @@ impl Download {
 /// Opens (or creates) a partial download, locked so that two pulls never
 /// append to the same file, and hashes what is already in it.
 fn open_partial(path: &Path) -> Result<(nix::fcntl::Flock<std::fs::File>, Hasher), ImageError> {
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .at(path)?;
+    let file = std::fs::File::options().read(true).write(true).create(true).truncate(false).open(path).at(path)?;
     let mut lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, errno)| ImageError::io(path, errno.into()))?;
     let mut hasher = Hasher::new();

@@ -30,15 +30,8 @@ pub(crate) type StoreLock = Flock<File>;
 
 impl ImageStore {
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
-        let store = Self {
-            dir: dir.to_path_buf(),
-        };
-        for sub in [
-            store.blobs_dir(),
-            store.partial_dir(),
-            store.layers_dir(),
-            store.tmp_dir(),
-        ] {
+        let store = Self { dir: dir.to_path_buf() };
+        for sub in [store.blobs_dir(), store.partial_dir(), store.layers_dir(), store.tmp_dir()] {
             fs::create_dir_all(&sub).at(&sub)?;
         }
         store.ensure_reserve();
@@ -71,11 +64,7 @@ impl ImageStore {
     /// Every image in the index, sorted by reference.
     pub fn list(&self) -> Result<Vec<Image>, ImageError> {
         let index = Index::load(&self.index_path())?;
-        index
-            .images
-            .iter()
-            .map(|(reference, digest)| self.load_image(reference, digest))
-            .collect()
+        index.images.iter().map(|(reference, digest)| self.load_image(reference, digest)).collect()
     }
 
     fn find_digest(&self, index: &Index, digest: &str) -> Result<Option<Image>, ImageError> {
@@ -102,9 +91,7 @@ impl ImageStore {
                     true => Ok(path),
                     false => Err(ImageError::CorruptStore {
                         path,
-                        detail: format!(
-                            "a layer of {reference} is missing; pull or import the image again"
-                        ),
+                        detail: format!("a layer of {reference} is missing; pull or import the image again"),
                     }),
                 }
             })
@@ -114,26 +101,20 @@ impl ImageStore {
             digest: digest.to_string(),
             config: oci::image_config(&config),
             layers,
-            size: manifest.config().size()
-                + manifest.layers().iter().map(|l| l.size()).sum::<u64>(),
+            size: manifest.config().size() + manifest.layers().iter().map(|l| l.size()).sum::<u64>(),
         })
     }
 
     /// Records `reference -> digest` in the index.
     pub(crate) fn record(&self, reference: &str, digest: &Digest) -> Result<(), ImageError> {
         self.update_index(|index| {
-            index
-                .images
-                .insert(reference.to_string(), digest.to_string());
+            index.images.insert(reference.to_string(), digest.to_string());
         })
     }
 
     /// Load, change and save the index under its own lock, so concurrent
     /// pulls do not lose each other's entries.
-    pub(crate) fn update_index<T>(
-        &self,
-        change: impl FnOnce(&mut Index) -> T,
-    ) -> Result<T, ImageError> {
+    pub(crate) fn update_index<T>(&self, change: impl FnOnce(&mut Index) -> T) -> Result<T, ImageError> {
         let lock_path = self.dir.join("index.lock");
         let _lock = lock(&lock_path, FlockArg::LockExclusive)?;
         let mut index = Index::load(&self.index_path())?;
@@ -192,9 +173,7 @@ impl ImageStore {
         let path = self.blob_path(digest);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(self.corrupt(digest, "blob is missing"))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(self.corrupt(digest, "blob is missing")),
             Err(e) => return Err(ImageError::io(&path, e)),
         };
         if Digest::of(&bytes) != *digest {
@@ -207,10 +186,7 @@ impl ImageStore {
     pub(crate) fn write_blob(&self, digest: &Digest, bytes: &[u8]) -> Result<(), ImageError> {
         let actual = Digest::of(bytes);
         if actual != *digest {
-            return Err(ImageError::DigestMismatch {
-                blob: digest.to_string(),
-                actual: actual.to_string(),
-            });
+            return Err(ImageError::DigestMismatch { blob: digest.to_string(), actual: actual.to_string() });
         }
         if self.has_blob(digest) {
             return Ok(());
@@ -244,13 +220,7 @@ impl ImageStore {
         }
         let staging = self.staging("layer");
         let file = File::open(blob).at(blob)?;
-        unpack::unpack(
-            BufReader::with_capacity(1 << 16, file),
-            compression,
-            diff_id,
-            layer,
-            staging.path(),
-        )?;
+        unpack::unpack(BufReader::with_capacity(1 << 16, file), compression, diff_id, layer, staging.path())?;
         // Everything unpacked must be on disk before the rename makes it look complete.
         let dir = File::open(staging.path()).at(staging.path())?;
         nix::unistd::syncfs(dir.as_raw_fd()).at(staging.path())?;
@@ -272,10 +242,7 @@ impl ImageStore {
         }
         let staging = self.staging("reserve");
         let written = File::create(staging.path())
-            .and_then(|mut f| {
-                f.write_all(&[0u8; RESERVE_BYTES])
-                    .and_then(|()| f.sync_all())
-            })
+            .and_then(|mut f| f.write_all(&[0u8; RESERVE_BYTES]).and_then(|()| f.sync_all()))
             .and_then(|()| fs::rename(staging.path(), &path));
         drop(written);
     }
@@ -289,10 +256,7 @@ impl ImageStore {
     pub(crate) fn staging(&self, prefix: &str) -> Staging {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        Staging(
-            self.tmp_dir()
-                .join(format!("{prefix}-{}-{n}", std::process::id())),
-        )
+        Staging(self.tmp_dir().join(format!("{prefix}-{}-{n}", std::process::id())))
     }
 
     fn corrupt(&self, digest: &Digest, detail: &str) -> ImageError {
@@ -323,12 +287,7 @@ impl Drop for Staging {
 }
 
 fn lock(path: &Path, arg: FlockArg) -> Result<StoreLock, ImageError> {
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .at(path)?;
+    let file = File::options().create(true).truncate(false).write(true).open(path).at(path)?;
     Flock::lock(file, arg).map_err(|(_, errno)| ImageError::io(path, errno.into()))
 }
 
@@ -348,10 +307,7 @@ mod tests {
         let store = ImageStore::open(dir.path()).unwrap();
         let claimed = Digest::of(b"the real thing");
         let err = store.write_blob(&claimed, b"an impostor").unwrap_err();
-        assert!(
-            matches!(err, ImageError::DigestMismatch { ref blob, .. } if *blob == claimed.to_string()),
-            "{err}"
-        );
+        assert!(matches!(err, ImageError::DigestMismatch { ref blob, .. } if *blob == claimed.to_string()), "{err}");
         assert!(!store.has_blob(&claimed));
     }
 
@@ -369,10 +325,7 @@ mod tests {
             digest.to_string(),
             format!("outpost/app@{digest}"),
         ] {
-            let image = store
-                .find(&reference)
-                .unwrap()
-                .unwrap_or_else(|| panic!("{reference} not found"));
+            let image = store.find(&reference).unwrap().unwrap_or_else(|| panic!("{reference} not found"));
             assert_eq!(image.digest, digest.to_string());
             assert_eq!(image.reference, "docker.io/outpost/app:1");
             assert_eq!(image.config.cmd, ["/bin/sh"]);

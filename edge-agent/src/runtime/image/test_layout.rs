@@ -63,10 +63,6 @@ pub(crate) fn write_layout(dir: &Path, name: Option<&str>, files: &[(&str, &[u8]
 pub(crate) fn layer_blob(dir: &Path, manifest: &Digest) -> std::path::PathBuf {
     let bytes = fs::read(dir.join("blobs/sha256").join(manifest.hex())).unwrap();
     let manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    let digest: Digest = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let digest: Digest = manifest["layers"][0]["digest"].as_str().unwrap().parse().unwrap();
     dir.join("blobs/sha256").join(digest.hex())
 }

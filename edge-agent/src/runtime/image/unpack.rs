@@ -54,11 +54,7 @@ pub(crate) fn unpack(
         Compression::Zstd => Box::new(zstd::Decoder::new(reader).map_err(unreadable)?),
     };
     let mut tar = HashingReader::new(decompressed);
-    let mut unpacker = Unpacker {
-        dest,
-        layer,
-        dir_times: Vec::new(),
-    };
+    let mut unpacker = Unpacker { dest, layer, dir_times: Vec::new() };
     {
         let mut archive = tar::Archive::new(&mut tar);
         for entry in archive.entries().map_err(unreadable)? {
@@ -123,9 +119,7 @@ impl Unpacker<'_> {
         let xattrs = pax_xattrs(entry).map_err(|e| self.bad_header(&raw, e))?;
         let header = entry.header();
         let id = |raw_id: io::Result<u64>| {
-            raw_id.and_then(|n| {
-                u32::try_from(n).map_err(|_| io::Error::other(format!("id {n} is out of range")))
-            })
+            raw_id.and_then(|n| u32::try_from(n).map_err(|_| io::Error::other(format!("id {n} is out of range"))))
         };
         let uid = id(header.uid()).map_err(|e| self.bad_header(&raw, e))?;
         let gid = id(header.gid()).map_err(|e| self.bad_header(&raw, e))?;
@@ -178,12 +172,8 @@ impl Unpacker<'_> {
                     EntryType::Block => SFlag::S_IFBLK,
                     _ => SFlag::S_IFIFO,
                 };
-                let major = header
-                    .device_major()
-                    .map_err(|e| self.bad_header(&raw, e))?;
-                let minor = header
-                    .device_minor()
-                    .map_err(|e| self.bad_header(&raw, e))?;
+                let major = header.device_major().map_err(|e| self.bad_header(&raw, e))?;
+                let minor = header.device_minor().map_err(|e| self.bad_header(&raw, e))?;
                 let dev = makedev(major.unwrap_or(0).into(), minor.unwrap_or(0).into());
                 remove_existing(&path)?;
                 mknod(&path, sflag, Mode::empty(), dev).at(&path)?;
@@ -197,14 +187,8 @@ impl Unpacker<'_> {
         }
 
         // Owner before mode: chown clears the setuid and setgid bits.
-        fchownat(
-            None,
-            &path,
-            Some(Uid::from_raw(uid)),
-            Some(Gid::from_raw(gid)),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .at(&path)?;
+        fchownat(None, &path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .at(&path)?;
         if kind != EntryType::Symlink {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).at(&path)?;
         }
@@ -241,9 +225,7 @@ impl Unpacker<'_> {
             path.push(part);
             match fs::symlink_metadata(&path) {
                 Ok(m) if m.is_dir() => {}
-                Ok(m) if m.file_type().is_symlink() => {
-                    return Err(self.unsafe_entry(raw, "goes through a symlink"))
-                }
+                Ok(m) if m.file_type().is_symlink() => return Err(self.unsafe_entry(raw, "goes through a symlink")),
                 Ok(_) => return Err(self.unsafe_entry(raw, "goes through a non-directory")),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     fs::DirBuilder::new().mode(0o755).create(&path).at(&path)?;
@@ -269,10 +251,7 @@ impl Unpacker<'_> {
                 Ok(_) | Err(_) => {
                     return Err(self.unsafe_entry(
                         raw,
-                        &format!(
-                            "is a hardlink to {:?}, not a file earlier in this layer",
-                            lossy(target)
-                        ),
+                        &format!("is a hardlink to {:?}, not a file earlier in this layer", lossy(target)),
                     ))
                 }
             }
@@ -282,20 +261,13 @@ impl Unpacker<'_> {
 
     /// Copies file content; read failures are the layer's fault, write
     /// failures the disk's.
-    fn copy<R: Read>(
-        &self,
-        entry: &mut tar::Entry<R>,
-        file: &mut File,
-        path: &Path,
-    ) -> Result<(), ImageError> {
+    fn copy<R: Read>(&self, entry: &mut tar::Entry<R>, file: &mut File, path: &Path) -> Result<(), ImageError> {
         let mut buf = vec![0u8; 1 << 16];
         loop {
-            let n = entry
-                .read(&mut buf)
-                .map_err(|e| ImageError::MalformedImage {
-                    what: format!("layer {}", self.layer),
-                    detail: format!("cannot read {}: {e}", path.display()),
-                })?;
+            let n = entry.read(&mut buf).map_err(|e| ImageError::MalformedImage {
+                what: format!("layer {}", self.layer),
+                detail: format!("cannot read {}: {e}", path.display()),
+            })?;
             if n == 0 {
                 return Ok(());
             }
@@ -304,11 +276,7 @@ impl Unpacker<'_> {
     }
 
     fn unsafe_entry(&self, raw: &[u8], detail: &str) -> ImageError {
-        ImageError::UnsafeLayer {
-            layer: self.layer.to_string(),
-            entry: lossy(raw),
-            detail: detail.to_string(),
-        }
+        ImageError::UnsafeLayer { layer: self.layer.to_string(), entry: lossy(raw), detail: detail.to_string() }
     }
 
     fn bad_header(&self, raw: &[u8], e: io::Error) -> ImageError {
@@ -395,22 +363,11 @@ mod tests {
         }
 
         fn dir(self, name: &str) -> Self {
-            self.add(
-                Self::header(EntryType::Directory, name.as_bytes(), 0o755, 0),
-                b"",
-            )
+            self.add(Self::header(EntryType::Directory, name.as_bytes(), 0o755, 0), b"")
         }
 
         fn file(self, name: &str, data: &[u8]) -> Self {
-            self.add(
-                Self::header(
-                    EntryType::Regular,
-                    name.as_bytes(),
-                    0o644,
-                    data.len() as u64,
-                ),
-                data,
-            )
+            self.add(Self::header(EntryType::Regular, name.as_bytes(), 0o644, data.len() as u64), data)
         }
 
         fn link(self, kind: EntryType, name: &str, target: &str) -> Self {
@@ -431,10 +388,7 @@ mod tests {
                 data.extend_from_slice(format!("{len}").as_bytes());
                 data.extend_from_slice(&body);
             }
-            self.add(
-                Self::header(EntryType::XHeader, b"pax", 0o644, data.len() as u64),
-                &data,
-            )
+            self.add(Self::header(EntryType::XHeader, b"pax", 0o644, data.len() as u64), &data)
         }
 
         fn build(self) -> Vec<u8> {
@@ -451,21 +405,14 @@ mod tests {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("layer");
-        let tar = Layer::new()
-            .dir("etc/")
-            .file("etc/.wh.motd", b"")
-            .file("var/cache/.wh..wh..opq", b"")
-            .build();
+        let tar = Layer::new().dir("etc/").file("etc/.wh.motd", b"").file("var/cache/.wh..wh..opq", b"").build();
         unpack_tar(&tar, &dest).unwrap();
 
         let motd = fs::symlink_metadata(dest.join("etc/motd")).unwrap();
         assert!(motd.file_type().is_char_device());
         assert_eq!(motd.rdev(), 0);
         assert!(!dest.join("etc/.wh.motd").exists());
-        assert_eq!(
-            xattr::get(dest.join("var/cache"), OPAQUE_XATTR).unwrap(),
-            Some(b"y".to_vec())
-        );
+        assert_eq!(xattr::get(dest.join("var/cache"), OPAQUE_XATTR).unwrap(), Some(b"y".to_vec()));
         assert!(!dest.join("var/cache/.wh..wh..opq").exists());
     }
 
@@ -482,10 +429,7 @@ mod tests {
             .add(owned, b"abc")
             .link(EntryType::Symlink, "bin/sh", "/bin/busybox")
             .link(EntryType::Link, "bin/tool2", "bin/tool")
-            .pax(&[
-                ("SCHILY.xattr.user.origin", b"outpost"),
-                ("SCHILY.xattr.trusted.overlay.redirect", b"/etc"),
-            ])
+            .pax(&[("SCHILY.xattr.user.origin", b"outpost"), ("SCHILY.xattr.trusted.overlay.redirect", b"/etc")])
             .file("data", b"x")
             .build();
         unpack_tar(&tar, &dest).unwrap();
@@ -494,18 +438,9 @@ mod tests {
         assert_eq!((tool.uid(), tool.gid()), (1234, 5678));
         assert_eq!(tool.mode() & 0o7777, 0o4755, "setuid survives the chown");
         assert_eq!(tool.mtime(), 1_600_000_000);
-        assert_eq!(
-            fs::read_link(dest.join("bin/sh")).unwrap(),
-            Path::new("/bin/busybox")
-        );
-        assert_eq!(
-            fs::symlink_metadata(dest.join("bin/tool2")).unwrap().ino(),
-            tool.ino()
-        );
-        assert_eq!(
-            xattr::get(dest.join("data"), "user.origin").unwrap(),
-            Some(b"outpost".to_vec())
-        );
+        assert_eq!(fs::read_link(dest.join("bin/sh")).unwrap(), Path::new("/bin/busybox"));
+        assert_eq!(fs::symlink_metadata(dest.join("bin/tool2")).unwrap().ino(), tool.ino());
+        assert_eq!(xattr::get(dest.join("data"), "user.origin").unwrap(), Some(b"outpost".to_vec()));
         assert_eq!(
             xattr::get(dest.join("data"), "trusted.overlay.redirect").unwrap(),
             None,
@@ -545,9 +480,7 @@ mod tests {
         let secret = dir.path().join("secret");
         fs::write(&secret, b"host secret").unwrap();
         for tar in [
-            Layer::new()
-                .link(EntryType::Link, "stolen", "../secret")
-                .build(),
+            Layer::new().link(EntryType::Link, "stolen", "../secret").build(),
             Layer::new()
                 .link(EntryType::Symlink, "up", dir.path().to_str().unwrap())
                 .link(EntryType::Link, "stolen", "up/secret")
@@ -576,14 +509,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tar = Layer::new().file("a", b"a").build();
         let wrong = Digest::of(b"something else");
-        let err = unpack(
-            &tar[..],
-            Compression::None,
-            &wrong,
-            "test-layer",
-            &dir.path().join("layer"),
-        )
-        .unwrap_err();
+        let err = unpack(&tar[..], Compression::None, &wrong, "test-layer", &dir.path().join("layer")).unwrap_err();
         assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
         assert!(err.to_string().contains("test-layer"), "{err}");
     }
@@ -598,10 +524,7 @@ mod tests {
         gz.write_all(&tar).unwrap();
         let gz = gz.finish().unwrap();
         let zst = zstd::encode_all(&tar[..], 3).unwrap();
-        for (name, blob, compression) in [
-            ("gz", gz, Compression::Gzip),
-            ("zst", zst, Compression::Zstd),
-        ] {
+        for (name, blob, compression) in [("gz", gz, Compression::Gzip), ("zst", zst, Compression::Zstd)] {
             let dest = dir.path().join(name);
             unpack(&blob[..], compression, &diff_id, name, &dest).unwrap();
             assert_eq!(fs::read(dest.join("hello")).unwrap(), b"world");
@@ -613,14 +536,7 @@ mod tests {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let tar = Layer::new().file("big", &[1u8; 4096]).build();
-        let err = unpack(
-            &tar[..1000],
-            Compression::None,
-            &Digest::of(&tar),
-            "cut",
-            &dir.path().join("l"),
-        )
-        .unwrap_err();
+        let err = unpack(&tar[..1000], Compression::None, &Digest::of(&tar), "cut", &dir.path().join("l")).unwrap_err();
         assert!(matches!(err, ImageError::MalformedImage { .. }), "{err}");
     }
 }
