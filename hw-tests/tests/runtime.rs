@@ -293,3 +293,31 @@ fn killed_shim_is_reported_lost_and_rm_still_cleans_up_its_container() {
 fn is_zombie(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
 }
+
+#[test]
+fn passed_through_device_is_usable_inside_the_container_and_others_are_not() {
+    let (agent, image) = agent_with_busybox();
+    // A device node of our own (the kernel's zero device, 1:5) stands in for a serial port.
+    let node = format!("/dev/outpost-test-zero-{}", std::process::id());
+    let made = Command::new("mknod").args([&node, "c", "1", "5"]).status().unwrap();
+    assert!(made.success(), "mknod {node} failed");
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _cleanup = Remove(node.clone());
+
+    let script = format!("head -c 3 {node} | od -An -tx1; head -c 1 /dev/mem 2>&1 || echo no-mem; mknod /tmp/mem c 1 1 2>&1 || echo no-mknod");
+    agent.run_spec(&spec(
+        "serial",
+        &image,
+        &script,
+        &format!("devices = [{{ path = \"{node}\" }}]\n[restart]\nmode = \"never\""),
+    ));
+    agent.wait_for("serial", WAIT, "exited", |w| state(w) == "exited");
+    let logs = agent.logs("serial");
+    assert!(logs.contains("00 00 00"), "the passed device was read: {logs}");
+    assert!(logs.contains("no-mem") && logs.contains("no-mknod"), "a device not passed stays out of reach: {logs}");
+}
