@@ -1,7 +1,11 @@
 //! What the Outpost edge-agent and hub say to each other, and what operators write.
 
+pub mod desired;
+pub mod event;
 pub mod size;
 pub mod workload;
 
+pub use desired::{Deployment, DesiredState};
+pub use event::{Event, EventKind};
 pub use size::ByteSize;
 pub use workload::WorkloadSpec;

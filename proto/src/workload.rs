@@ -57,6 +57,20 @@ pub struct WorkloadSpec {
     /// Time between SIGTERM and SIGKILL when the workload is stopped.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub stop_grace_period: Duration,
+    /// How a change of this workload is rolled out on the device.
+    #[serde(default)]
+    pub update_strategy: UpdateStrategy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateStrategy {
+    /// Stop the old container, then start the new one: never two at once.
+    #[default]
+    StopFirst,
+    /// Start the new one and wait until it is up (healthy, when it has a
+    /// probe) before stopping the old one: no gap in service.
+    StartFirst,
 }
 
 fn is_false(b: &bool) -> bool {

@@ -1,0 +1,181 @@
+//! A device's desired state: what it should run, grouped by the deployment
+//! that asked for it, with a generation that only grows.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::workload::{SpecError, WorkloadSpec};
+
+/// The document version this code reads and writes.
+pub const DESIRED_STATE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DesiredState {
+    /// Version of this document's schema.
+    pub version: u32,
+    /// Grows with every change; a device never goes back to a lower one.
+    pub generation: u64,
+    #[serde(default)]
+    pub deployments: Vec<Deployment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Deployment {
+    pub name: String,
+    /// Grows with every change of this deployment's workloads.
+    pub revision: u64,
+    /// After a new revision starts, how long its workloads must stay up and
+    /// healthy; a crash loop or a failed probe within it rolls the deployment
+    /// back to its previous revision, on the device, with no hub.
+    #[serde(default = "default_rollback_window", with = "humantime_serde")]
+    pub rollback_window: Duration,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+}
+
+fn default_rollback_window() -> Duration {
+    Duration::from_secs(120)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredStateError {
+    #[error("cannot parse the desired state: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("cannot parse the desired state: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the desired state has version {found}, and this agent reads version {DESIRED_STATE_VERSION}: update the agent, or write the document for version {DESIRED_STATE_VERSION}")]
+    UnknownVersion { found: u32 },
+    #[error("the desired state is invalid: {0}")]
+    Invalid(String),
+    #[error("in deployment `{deployment}`: {source}")]
+    Workload { deployment: String, source: SpecError },
+}
+
+impl DesiredState {
+    /// Parses TOML, or JSON when the text starts with `{`, then validates.
+    pub fn parse(text: &str) -> Result<Self, DesiredStateError> {
+        // The version first, so that a newer document gets the version error
+        // rather than a complaint about a field it added.
+        #[derive(Deserialize)]
+        struct Version {
+            version: Option<u32>,
+        }
+        let json = text.trim_start().starts_with('{');
+        let version = if json {
+            serde_json::from_str::<Version>(text)?.version
+        } else {
+            toml::from_str::<toml::Table>(text)?.get("version").and_then(|v| v.as_integer()).map(|v| v as u32)
+        };
+        match version {
+            Some(DESIRED_STATE_VERSION) => {}
+            Some(found) => return Err(DesiredStateError::UnknownVersion { found }),
+            None => return Err(DesiredStateError::Invalid("`version` is missing (write `version = 1`)".into())),
+        }
+        let state: Self = if json { serde_json::from_str(text)? } else { toml::from_str(text)? };
+        state.validate()?;
+        Ok(state)
+    }
+
+    pub fn validate(&self) -> Result<(), DesiredStateError> {
+        if self.version != DESIRED_STATE_VERSION {
+            return Err(DesiredStateError::UnknownVersion { found: self.version });
+        }
+        let invalid = |m: String| Err(DesiredStateError::Invalid(m));
+        let mut deployments = BTreeSet::new();
+        let mut workloads = BTreeSet::new();
+        for d in &self.deployments {
+            if !crate::workload::valid_name(&d.name) {
+                return invalid(format!("deployment name {:?} is not valid (a-z, 0-9, `_`, `.`, `-`)", d.name));
+            }
+            if !deployments.insert(d.name.as_str()) {
+                return invalid(format!("deployment `{}` appears twice", d.name));
+            }
+            for w in &d.workloads {
+                w.validate().map_err(|source| DesiredStateError::Workload { deployment: d.name.clone(), source })?;
+                if !workloads.insert(w.name.as_str()) {
+                    return invalid(format!(
+                        "workload `{}` appears twice (names are unique on a device, across deployments)",
+                        w.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn deployment(&self, name: &str) -> Option<&Deployment> {
+        self.deployments.iter().find(|d| d.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = r#"
+version = 1
+generation = 4
+
+[[deployments]]
+name = "monitoring"
+revision = 2
+
+[[deployments.workloads]]
+name = "node-exporter"
+image = "exporter:1"
+
+[[deployments]]
+name = "app"
+revision = 7
+rollback-window = "30s"
+
+[[deployments.workloads]]
+name = "web"
+image = "web:7"
+update-strategy = "start-first"
+"#;
+
+    #[test]
+    fn desired_state_parses_with_deployments_and_defaults() {
+        let state = DesiredState::parse(DOC).unwrap();
+        assert_eq!(state.generation, 4);
+        assert_eq!(state.deployment("app").unwrap().rollback_window, Duration::from_secs(30));
+        assert_eq!(state.deployment("monitoring").unwrap().rollback_window, Duration::from_secs(120));
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(DesiredState::parse(&json).unwrap(), state);
+    }
+
+    #[test]
+    fn unknown_version_is_refused_before_anything_else() {
+        let err = DesiredState::parse("version = 2\ngeneration = 1\nnew-field = true\n").unwrap_err().to_string();
+        assert!(err.contains("version 2") && err.contains("update the agent"), "{err}");
+        let err = DesiredState::parse("generation = 1\n").unwrap_err().to_string();
+        assert!(err.contains("`version` is missing"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_workload_names_across_deployments_are_refused() {
+        let doc = DOC.replace("name = \"node-exporter\"", "name = \"web\"");
+        let err = DesiredState::parse(&doc).unwrap_err().to_string();
+        assert!(err.contains("workload `web` appears twice"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_deployments_and_bad_workloads_are_refused_naming_them() {
+        let doc = DOC.replace("name = \"monitoring\"", "name = \"app\"");
+        assert!(DesiredState::parse(&doc).unwrap_err().to_string().contains("deployment `app` appears twice"));
+        let doc = DOC.replace("image = \"web:7\"", "image = \"web:7\"\nuser = \"www-data\"");
+        let err = DesiredState::parse(&doc).unwrap_err().to_string();
+        assert!(err.contains("deployment `app`") && err.contains("numeric uid"), "{err}");
+    }
+
+    #[test]
+    fn malformed_document_is_refused_with_the_parser_position() {
+        let err = DesiredState::parse("version = 1\ngeneration = \"four\"\n").unwrap_err().to_string();
+        assert!(err.contains("generation"), "{err}");
+    }
+}

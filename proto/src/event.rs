@@ -1,0 +1,31 @@
+//! What a device records about its own transitions, each with a sequence
+//! number, kept until the hub has it.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Grows by one per event on a device; never reused.
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub at: u64,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A desired state was stored (and flushed) on the device.
+    Applied { generation: u64 },
+    /// A desired state was refused; the running state is untouched.
+    Rejected { reason: String },
+    /// A deployment's revision was started on the device.
+    RevisionStarted { deployment: String, revision: u64 },
+    /// Its workloads stayed up and healthy through the rollback window.
+    Healthy { deployment: String, revision: u64 },
+    /// A workload of the revision failed: crash loop, failed probe, failed start.
+    Failed { deployment: String, revision: u64, workload: String, reason: String },
+    /// The device returned the deployment to its previous revision by itself.
+    RolledBack { deployment: String, from_revision: u64, to_revision: u64, reason: String },
+}
