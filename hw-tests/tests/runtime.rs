@@ -109,8 +109,8 @@ fn logs_are_captured_per_stream_and_rotated_at_the_size_cap() {
         "echo to-stderr >&2; i=0; while [ $i -lt 300 ]; do echo line-$i; i=$((i+1)); done; echo done",
         "[restart]\nmode = \"never\"",
     ));
-    agent.wait_for("chatty", WAIT, "exited", |w| state(w) == "exited");
-    let dir = agent.data.path().join("workloads/chatty/logs");
+    let w = agent.wait_for("chatty", WAIT, "exited", |w| state(w) == "exited");
+    let dir = agent.data.path().join("workloads").join(w["instance"].as_str().unwrap()).join("logs");
     let files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
     assert_eq!(files.len(), 2, "current file and one rotated: {files:?}");
     for f in &files {

@@ -19,8 +19,8 @@ pub struct LogsArgs {
 }
 
 pub fn run(supervisor: &Supervisor, args: LogsArgs) -> anyhow::Result<()> {
-    supervisor.info(&args.name)?;
-    let dir = supervisor.paths().workload(&args.name).logs();
+    let instance = supervisor.resolve(&args.name)?;
+    let dir = supervisor.paths().workload(&instance).logs();
     let lines = match read_lines(&dir, args.tail) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         other => other.with_context(|| format!("cannot read the logs in {}", dir.display()))?,

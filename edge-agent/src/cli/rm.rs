@@ -8,7 +8,7 @@ pub struct RmArgs {
 
 pub fn run(supervisor: &Supervisor, args: RmArgs) -> anyhow::Result<()> {
     for name in &args.names {
-        supervisor.remove(name)?;
+        supervisor.remove(&supervisor.resolve(name)?)?;
         println!("{name}: removed");
     }
     Ok(())

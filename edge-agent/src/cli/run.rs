@@ -4,7 +4,7 @@ use anyhow::Context;
 use outpost_proto::WorkloadSpec;
 
 use crate::runtime::supervisor::require_root;
-use crate::runtime::Supervisor;
+use crate::runtime::{RuntimeError, Supervisor};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -19,12 +19,15 @@ pub fn run(supervisor: &Supervisor, insecure_registries: &[String], args: RunArg
         WorkloadSpec::parse(&text).with_context(|| format!("{} is not a valid workload spec", args.file.display()))?;
     require_root()?;
     let image = super::pull::ensure_image(supervisor, insecure_registries, &spec.image)?;
-    supervisor.create(&spec, &image)?;
-    let pid = match supervisor.start(&spec.name) {
+    if let Ok(existing) = supervisor.resolve(&spec.name) {
+        return Err(RuntimeError::AlreadyExists(existing).into());
+    }
+    let instance = supervisor.create(&spec, &image, None)?;
+    let pid = match supervisor.start(&instance) {
         Ok(pid) => pid,
         Err(e) => {
             // Leave nothing half-made behind a failed first start.
-            let _ = supervisor.remove(&spec.name);
+            let _ = supervisor.remove(&instance);
             return Err(e.into());
         }
     };

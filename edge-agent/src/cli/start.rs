@@ -6,7 +6,7 @@ pub struct StartArgs {
 }
 
 pub fn run(supervisor: &Supervisor, args: StartArgs) -> anyhow::Result<()> {
-    let pid = supervisor.start(&args.name)?;
+    let pid = supervisor.start(&supervisor.resolve(&args.name)?)?;
     println!("{}: running (pid {pid})", args.name);
     Ok(())
 }

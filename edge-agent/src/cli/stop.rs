@@ -6,7 +6,7 @@ pub struct StopArgs {
 }
 
 pub fn run(supervisor: &Supervisor, args: StopArgs) -> anyhow::Result<()> {
-    let info = supervisor.stop(&args.name)?;
+    let info = supervisor.stop(&supervisor.resolve(&args.name)?)?;
     let exit = info
         .status
         .as_ref()

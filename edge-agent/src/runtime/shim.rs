@@ -170,8 +170,9 @@ impl Shim {
         }
     }
 
+    /// The instance id: the container's id, its directories and its cgroup.
     fn name(&self) -> &str {
-        &self.record.spec.name
+        &self.status.name
     }
 
     fn start_container(&mut self) -> Result<Running, String> {

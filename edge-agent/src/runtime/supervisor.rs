@@ -21,7 +21,7 @@ use serde::Serialize;
 use super::cgroups::{self, MissingController};
 use super::image::Image;
 use super::paths::{write_atomic, Paths};
-use super::record::WorkloadRecord;
+use super::record::{instance_id, spec_hash, DeploymentRef, WorkloadRecord};
 use super::rootfs;
 use super::spec::{self, LinuxHost, SpecContext, SpecGenError};
 use super::status::{State, WorkloadStatus};
@@ -32,6 +32,8 @@ pub enum RuntimeError {
     NotRoot,
     #[error("workload `{0}` already exists: remove it first with `edge-agent rm {0}`")]
     AlreadyExists(String),
+    #[error("`{name}` names several instances ({instances}): give the instance id")]
+    Ambiguous { name: String, instances: String },
     #[error("workload `{0}` is already running (stop it first with `edge-agent stop {0}`)")]
     AlreadyRunning(String),
     #[error("no workload named `{0}` (see `edge-agent ps`)")]
@@ -57,10 +59,14 @@ pub struct RuntimeSettings {
     pub shim_binary: PathBuf,
 }
 
-/// What `ps` shows of one workload.
+/// What `ps` shows of one workload instance.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkloadInfo {
+    pub instance: String,
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<DeploymentRef>,
+    pub spec_hash: String,
     pub image: String,
     pub image_digest: String,
     /// `lost` when the shim that reported it is gone: its container may still
@@ -84,10 +90,15 @@ impl Supervisor {
         &self.paths
     }
 
-    /// Writes the workload's OCI bundle and record. Nothing runs yet.
-    pub fn create(&self, spec: &WorkloadSpec, image: &Image) -> Result<(), RuntimeError> {
+    /// Writes the instance's OCI bundle and record; returns its instance id. Nothing runs yet.
+    pub fn create(
+        &self,
+        spec: &WorkloadSpec,
+        image: &Image,
+        deployment: Option<DeploymentRef>,
+    ) -> Result<String, RuntimeError> {
         require_root()?;
-        let name = spec.name.clone();
+        let name = instance_id(spec);
         let workload = self.paths.workload(&name);
         if workload.record().exists() {
             return Err(RuntimeError::AlreadyExists(name));
@@ -116,6 +127,8 @@ impl Supervisor {
         write_atomic(&workload.bundle().join("config.json"), &config).map_err(io("write its OCI spec"))?;
         let record = WorkloadRecord {
             spec: spec.clone(),
+            spec_hash: spec_hash(spec),
+            deployment,
             image: image.reference.clone(),
             image_digest: image.digest.clone(),
             layers: image.layers.clone(),
@@ -124,7 +137,22 @@ impl Supervisor {
             log_files: self.settings.log_files,
         };
         // The record last: a workload directory without one is a crashed create.
-        record.write(&workload.record()).map_err(io("write its record"))
+        record.write(&workload.record()).map_err(io("write its record"))?;
+        Ok(name)
+    }
+
+    /// The instance id for what an operator typed: an instance id, or a
+    /// workload name with one instance.
+    pub fn resolve(&self, name: &str) -> Result<String, RuntimeError> {
+        if self.paths.workload(name).record().exists() {
+            return Ok(name.to_string());
+        }
+        let matches: Vec<String> = self.list().into_iter().filter(|w| w.name == name).map(|w| w.instance).collect();
+        match matches.as_slice() {
+            [] => Err(RuntimeError::NotFound(name.to_string())),
+            [one] => Ok(one.clone()),
+            many => Err(RuntimeError::Ambiguous { name: name.to_string(), instances: many.join(", ") }),
+        }
     }
 
     /// Starts the workload's shim and waits until the container runs. Returns its pid.
@@ -238,7 +266,10 @@ impl Supervisor {
             }
         };
         Ok(WorkloadInfo {
-            name: name.to_string(),
+            instance: name.to_string(),
+            name: record.spec.name,
+            deployment: record.deployment,
+            spec_hash: record.spec_hash,
             image: record.image,
             image_digest: record.image_digest,
             state,
@@ -246,7 +277,7 @@ impl Supervisor {
         })
     }
 
-    /// Every workload on the device, by name.
+    /// Every workload instance on the device, by instance id.
     pub fn list(&self) -> Vec<WorkloadInfo> {
         let mut names: Vec<String> = std::fs::read_dir(self.paths.workloads())
             .into_iter()
