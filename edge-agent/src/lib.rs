@@ -3,4 +3,6 @@
 //! `runtime` runs workloads (images, OCI spec, shims); `cli` is the command line.
 
 pub mod cli;
+pub mod config;
 pub mod runtime;
+pub mod store;

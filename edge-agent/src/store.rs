@@ -1,0 +1,707 @@
+//! The agent's durable state: the desired state with each deployment's
+//! previous revision and local rollbacks, and the outbox of events for the hub.
+//!
+//! The only module that knows sled. Values are JSON. Every mutation is flushed
+//! before it returns, because callers acknowledge only after that. The desired
+//! state is also kept as a JSON snapshot next to the store (`desired.json`),
+//! so that a store sled cannot read is replaced by a fresh one that still
+//! knows what to run.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use outpost_proto::{Deployment, DesiredState, Event, EventKind};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::runtime::paths::write_atomic;
+
+/// The layout this code reads and writes; `Store::migrate` brings older ones up to it.
+const SCHEMA_VERSION: u32 = 1;
+
+const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
+/// The last event number handed out: the events tree alone forgets it once every event is acked.
+const LAST_EVENT_SEQ_KEY: &[u8] = b"last_event_seq";
+/// The one key of the `desired` tree.
+const CURRENT_KEY: &[u8] = b"current";
+const SNAPSHOT_FILE: &str = "desired.json";
+
+/// sled lets go of its file lock a moment after a `Db` is dropped (sled issue
+/// 1234): an open in that moment is retried this often, this far apart. A
+/// store held by another running agent stays locked far longer.
+const LOCK_ATTEMPTS: u32 = 10;
+const LOCK_RETRY_DELAY: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store at {dir} is in use by another edge-agent process: stop that one first")]
+    Locked { dir: PathBuf },
+
+    #[error("cannot open the store at {dir}: {source}")]
+    Open { dir: PathBuf, source: sled::Error },
+
+    #[error(
+        "the store at {dir} has schema version {found}, written by a newer edge-agent; this one reads up to \
+         version {supported}: run the newer agent again, or move {dir} aside to start from a fresh store \
+         (the hub sends the desired state again)"
+    )]
+    NewerSchema { dir: PathBuf, found: u32, supported: u32 },
+
+    #[error(
+        "the store at {dir} is corrupt ({reason}), and it was left in place because the snapshot {snapshot} \
+         cannot be read ({detail}): fix or remove the snapshot, then start the agent again"
+    )]
+    UnreadableSnapshot { dir: PathBuf, reason: String, snapshot: PathBuf, detail: String },
+
+    #[error("the store at {dir} is corrupt ({reason}), and moving it aside to {to} failed: {source}")]
+    MoveAside { dir: PathBuf, reason: String, to: PathBuf, source: std::io::Error },
+
+    #[error("cannot write the desired-state snapshot {path}: {source}")]
+    WriteSnapshot { path: PathBuf, source: std::io::Error },
+
+    #[error(
+        "desired state generation {offered} is older than the stored generation {current}: refused, a device \
+         never goes back to an older generation"
+    )]
+    StaleGeneration { current: u64, offered: u64 },
+
+    #[error(
+        "a different desired state with generation {generation} is already stored: refused, every change must \
+         come with a higher generation"
+    )]
+    ConflictingGeneration { generation: u64 },
+
+    #[error("the store holds an unreadable {what} ({detail}): the store is damaged")]
+    Decode { what: &'static str, detail: String },
+
+    #[error("the store failed: {0}")]
+    Sled(#[from] sled::Error),
+}
+
+/// What `Store::open` did with a store sled could not use.
+#[derive(Debug)]
+pub struct Recovered {
+    pub moved_to: PathBuf,
+    pub reason: String,
+    /// The generation restored from the snapshot; None when there was no snapshot.
+    pub restored_generation: Option<u64>,
+}
+
+/// A deployment returned to an earlier revision by the device itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Rollback {
+    /// The revision that failed.
+    pub from_revision: u64,
+    /// What runs instead.
+    pub to: Deployment,
+    pub reason: String,
+}
+
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    desired: sled::Tree,
+    previous: sled::Tree,
+    rollbacks: sled::Tree,
+    events: sled::Tree,
+    snapshot: PathBuf,
+}
+
+/// Why `open_db` failed: a store sled cannot read, or anything else (a lock,
+/// permissions), which must never cost the operator the store.
+enum OpenFailure {
+    Corrupt(sled::Error),
+    Other(StoreError),
+}
+
+impl Store {
+    /// Opens (creating) the store at `dir` (= data_dir/store) with a small cache (bytes).
+    ///
+    /// A store sled cannot read is moved aside to `dir.corrupt-<unix secs>`,
+    /// and a fresh one gets the desired state from the snapshot.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<(Store, Option<Recovered>), StoreError> {
+        let snapshot = dir.with_file_name(SNAPSHOT_FILE);
+        let reason = match open_db(dir, cache_bytes) {
+            Ok(db) => {
+                let store = Store::with_db(db, snapshot.clone())?;
+                let version = store.schema_version();
+                // Before anything else: a newer agent's store must survive a downgrade untouched.
+                if let Ok(Some(found)) = version {
+                    if found > SCHEMA_VERSION {
+                        return Err(StoreError::NewerSchema {
+                            dir: dir.to_path_buf(),
+                            found,
+                            supported: SCHEMA_VERSION,
+                        });
+                    }
+                }
+                match version.and_then(|_| store.desired()) {
+                    Ok(desired) if desired.is_some() || !snapshot.exists() => {
+                        store.migrate()?;
+                        return Ok((store, None));
+                    }
+                    // The snapshot is written only after the store holds that state, so a store
+                    // without one next to a snapshot has lost its data: sled reads a damaged
+                    // file as an empty database rather than failing.
+                    Ok(_) => format!("it holds no desired state while {} does", snapshot.display()),
+                    Err(e @ StoreError::Decode { .. }) => e.to_string(),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(OpenFailure::Corrupt(e)) => e.to_string(),
+            Err(OpenFailure::Other(e)) => return Err(e),
+        };
+        let (store, recovered) = Store::recover(dir, cache_bytes, &snapshot, reason)?;
+        Ok((store, Some(recovered)))
+    }
+
+    fn with_db(db: sled::Db, snapshot: PathBuf) -> Result<Store, StoreError> {
+        Ok(Store {
+            meta: db.open_tree("meta")?,
+            desired: db.open_tree("desired")?,
+            previous: db.open_tree("previous")?,
+            rollbacks: db.open_tree("rollbacks")?,
+            events: db.open_tree("events")?,
+            db,
+            snapshot,
+        })
+    }
+
+    /// Moves the store at `dir` aside and starts a fresh one with the snapshot's desired state.
+    fn recover(
+        dir: &Path,
+        cache_bytes: u64,
+        snapshot: &Path,
+        reason: String,
+    ) -> Result<(Store, Recovered), StoreError> {
+        // Read the snapshot before moving anything: without it the agent would start from nothing.
+        let state = match std::fs::read_to_string(snapshot) {
+            Ok(text) => Some(DesiredState::parse(&text).map_err(|e| e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some(Err(e.to_string())),
+        }
+        .transpose()
+        .map_err(|detail| StoreError::UnreadableSnapshot {
+            dir: dir.to_path_buf(),
+            reason: reason.clone(),
+            snapshot: snapshot.to_path_buf(),
+            detail,
+        })?;
+
+        let mut moved_to = OsString::from(dir.as_os_str());
+        moved_to.push(format!(".corrupt-{}", unix_now().as_secs()));
+        let moved_to = PathBuf::from(moved_to);
+        std::fs::rename(dir, &moved_to).map_err(|source| StoreError::MoveAside {
+            dir: dir.to_path_buf(),
+            reason: reason.clone(),
+            to: moved_to.clone(),
+            source,
+        })?;
+
+        let db = open_db(dir, cache_bytes).map_err(|failure| match failure {
+            OpenFailure::Corrupt(source) => StoreError::Open { dir: dir.to_path_buf(), source },
+            OpenFailure::Other(e) => e,
+        })?;
+        let store = Store::with_db(db, snapshot.to_path_buf())?;
+        store.migrate()?;
+        // The events lost with the old store may already be at the hub under their numbers; the
+        // fresh sequence starts above any of them (the old one grew by one per event from 1).
+        store.meta.insert(LAST_EVENT_SEQ_KEY, encode(&unix_now_ms()))?;
+        store.db.flush()?;
+        if let Some(state) = &state {
+            store.set_desired(state)?;
+        }
+        let restored_generation = state.map(|s| s.generation);
+        tracing::error!(
+            store = %dir.display(),
+            moved_to = %moved_to.display(),
+            snapshot = %snapshot.display(),
+            restored_generation = ?restored_generation,
+            "the store is corrupt ({reason}): moved it aside and started a fresh one"
+        );
+        Ok((store, Recovered { moved_to, reason, restored_generation }))
+    }
+
+    fn schema_version(&self) -> Result<Option<u32>, StoreError> {
+        self.meta.get(SCHEMA_VERSION_KEY)?.map(|bytes| decode("schema version", &bytes)).transpose()
+    }
+
+    /// Brings a store written by an older agent to `SCHEMA_VERSION`, one version at a time.
+    fn migrate(&self) -> Result<(), StoreError> {
+        let found = self.schema_version()?.unwrap_or(0);
+        for version in found..SCHEMA_VERSION {
+            match version {
+                // Written before the schema had a version, or just created: version 1's layout.
+                0 => {}
+                _ => unreachable!("every version below SCHEMA_VERSION has a step"),
+            }
+            self.meta.insert(SCHEMA_VERSION_KEY, encode(&(version + 1)))?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn desired(&self) -> Result<Option<DesiredState>, StoreError> {
+        self.desired.get(CURRENT_KEY)?.map(|bytes| decode("desired state", &bytes)).transpose()
+    }
+
+    /// Stores a new desired state; Ok(false) when it is the one already stored.
+    ///
+    /// Refuses a lower generation, and a different state under the same
+    /// generation. Keeps, per deployment, the revision a new one replaces
+    /// (for rollback); a newer revision of a rolled-back deployment ends its
+    /// rollback; a deployment no longer desired takes both with it.
+    pub fn set_desired(&self, state: &DesiredState) -> Result<bool, StoreError> {
+        let abort = ConflictableTransactionError::Abort;
+        let stored = (&self.desired, &self.previous, &self.rollbacks)
+            .transaction(|(desired, previous, rollbacks)| {
+                let current = desired.get(CURRENT_KEY)?;
+                let current: Option<DesiredState> =
+                    current.map(|bytes| decode("desired state", &bytes)).transpose().map_err(abort)?;
+                if let Some(current) = &current {
+                    if state.generation < current.generation {
+                        return Err(abort(StoreError::StaleGeneration {
+                            current: current.generation,
+                            offered: state.generation,
+                        }));
+                    }
+                    if state.generation == current.generation {
+                        if state == current {
+                            return Ok(false);
+                        }
+                        return Err(abort(StoreError::ConflictingGeneration { generation: state.generation }));
+                    }
+                    for old in &current.deployments {
+                        match state.deployment(&old.name) {
+                            Some(new) if new.revision != old.revision => {
+                                // What the device runs is replaced: the rollback's revision when one is in force.
+                                let running = match rollbacks.get(old.name.as_bytes())? {
+                                    Some(bytes) => decode::<Rollback>("rollback", &bytes).map_err(abort)?.to,
+                                    None => old.clone(),
+                                };
+                                previous.insert(old.name.as_bytes(), encode(&running))?;
+                            }
+                            Some(_) => {}
+                            None => {
+                                previous.remove(old.name.as_bytes())?;
+                                rollbacks.remove(old.name.as_bytes())?;
+                            }
+                        }
+                    }
+                }
+                for new in &state.deployments {
+                    if let Some(bytes) = rollbacks.get(new.name.as_bytes())? {
+                        let rollback: Rollback = decode("rollback", &bytes).map_err(abort)?;
+                        if new.revision > rollback.from_revision {
+                            rollbacks.remove(new.name.as_bytes())?;
+                        }
+                    }
+                }
+                desired.insert(CURRENT_KEY, encode(state))?;
+                Ok(true)
+            })
+            .map_err(transaction_error)?;
+        if stored {
+            self.db.flush()?;
+            let json = serde_json::to_vec_pretty(state).expect("a desired state serializes to JSON");
+            write_atomic(&self.snapshot, &json)
+                .map_err(|source| StoreError::WriteSnapshot { path: self.snapshot.clone(), source })?;
+        }
+        Ok(stored)
+    }
+
+    /// The revision the deployment's current one replaced.
+    pub fn previous(&self, deployment: &str) -> Result<Option<Deployment>, StoreError> {
+        self.previous.get(deployment.as_bytes())?.map(|bytes| decode("previous revision", &bytes)).transpose()
+    }
+
+    /// The local rollbacks in force: deployment name -> Rollback.
+    pub fn rollbacks(&self) -> Result<BTreeMap<String, Rollback>, StoreError> {
+        self.rollbacks
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((String::from_utf8_lossy(&key).into_owned(), decode("rollback", &value)?))
+            })
+            .collect()
+    }
+
+    pub fn set_rollback(&self, deployment: &str, rollback: &Rollback) -> Result<(), StoreError> {
+        self.rollbacks.insert(deployment.as_bytes(), encode(rollback))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The desired state with each rolled-back deployment replaced by what it
+    /// rolled back to. None when there is no desired state.
+    pub fn effective(&self) -> Result<Option<DesiredState>, StoreError> {
+        // One transaction, so that a desired state and rollbacks stored meanwhile are seen together or not at all.
+        let abort = ConflictableTransactionError::Abort;
+        (&self.desired, &self.rollbacks)
+            .transaction(|(desired, rollbacks)| {
+                let Some(bytes) = desired.get(CURRENT_KEY)? else { return Ok(None) };
+                let mut state: DesiredState = decode("desired state", &bytes).map_err(abort)?;
+                for deployment in &mut state.deployments {
+                    if let Some(bytes) = rollbacks.get(deployment.name.as_bytes())? {
+                        let rollback: Rollback = decode("rollback", &bytes).map_err(abort)?;
+                        *deployment = rollback.to;
+                    }
+                }
+                Ok(Some(state))
+            })
+            .map_err(transaction_error)
+    }
+
+    /// Appends an event numbered one above the last one ever handed out (the first is 1).
+    pub fn push_event(&self, kind: EventKind) -> Result<Event, StoreError> {
+        let at = unix_now_ms();
+        let abort = ConflictableTransactionError::Abort;
+        let event = (&self.meta, &self.events)
+            .transaction(|(meta, events)| {
+                let last = meta.get(LAST_EVENT_SEQ_KEY)?;
+                let last: u64 =
+                    last.map(|bytes| decode("event number", &bytes)).transpose().map_err(abort)?.unwrap_or(0);
+                let event = Event { seq: last + 1, at, kind: kind.clone() };
+                meta.insert(LAST_EVENT_SEQ_KEY, encode(&event.seq))?;
+                events.insert(&event.seq.to_be_bytes()[..], encode(&event))?;
+                Ok(event)
+            })
+            .map_err(transaction_error)?;
+        self.db.flush()?;
+        Ok(event)
+    }
+
+    /// Up to `limit` events numbered above `seq`, oldest first.
+    pub fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.events
+            .range((Bound::Excluded(seq.to_be_bytes()), Bound::Unbounded))
+            .take(limit)
+            .map(|entry| decode("event", &entry?.1))
+            .collect()
+    }
+
+    /// Deletes events up to and including `seq` (the hub has them).
+    pub fn ack_events(&self, seq: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for entry in self.events.range(..=seq.to_be_bytes()) {
+            batch.remove(entry?.0);
+        }
+        self.events.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes the store uses on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, OpenFailure> {
+    let config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
+    let mut attempt = 1;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e)) if is_lock_error(&e) && attempt < LOCK_ATTEMPTS => {
+                attempt += 1;
+                std::thread::sleep(LOCK_RETRY_DELAY);
+            }
+            result => return result.map_err(|e| classify_open_error(dir, e)),
+        }
+    }
+}
+
+fn classify_open_error(dir: &Path, e: sled::Error) -> OpenFailure {
+    use std::io::ErrorKind::{InvalidData, UnexpectedEof};
+    match e {
+        sled::Error::Io(ref io) if is_lock_error(io) => {
+            OpenFailure::Other(StoreError::Locked { dir: dir.to_path_buf() })
+        }
+        // What sled says about files it cannot make sense of (a damaged `conf` is `Unsupported`).
+        sled::Error::Corruption { .. } | sled::Error::Unsupported(_) | sled::Error::ReportableBug(_) => {
+            OpenFailure::Corrupt(e)
+        }
+        sled::Error::Io(ref io) if matches!(io.kind(), UnexpectedEof | InvalidData) => OpenFailure::Corrupt(e),
+        source => OpenFailure::Other(StoreError::Open { dir: dir.to_path_buf(), source }),
+    }
+}
+
+/// sled reports its lock as an `Other` I/O error; its text is how to tell (sled is pinned).
+fn is_lock_error(e: &std::io::Error) -> bool {
+    e.to_string().contains("could not acquire lock")
+}
+
+fn transaction_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // The stored types are plain structs with string-keyed maps: their JSON serialization cannot fail.
+    serde_json::to_vec(value).expect("stored values serialize to JSON")
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Decode { what, detail: e.to_string() })
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+fn unix_now_ms() -> u64 {
+    unix_now().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CACHE: u64 = 1 << 20;
+
+    fn open(dir: &Path) -> Store {
+        let (store, recovered) = Store::open(dir, CACHE).unwrap();
+        assert!(recovered.is_none(), "{recovered:?}");
+        store
+    }
+
+    fn deployment(name: &str, revision: u64) -> Deployment {
+        let mut d: Deployment =
+            serde_json::from_value(serde_json::json!({ "name": name, "revision": revision })).unwrap();
+        d.workloads = vec![serde_json::from_value(
+            serde_json::json!({ "name": format!("{name}-w"), "image": format!("{name}:{revision}") }),
+        )
+        .unwrap()];
+        d
+    }
+
+    fn state(generation: u64, deployments: &[(&str, u64)]) -> DesiredState {
+        DesiredState {
+            version: outpost_proto::desired::DESIRED_STATE_VERSION,
+            generation,
+            deployments: deployments.iter().map(|(name, revision)| deployment(name, *revision)).collect(),
+        }
+    }
+
+    fn rollback(from_revision: u64, to: Deployment) -> Rollback {
+        Rollback { from_revision, to, reason: "crash loop".into() }
+    }
+
+    fn applied(generation: u64) -> EventKind {
+        EventKind::Applied { generation }
+    }
+
+    #[test]
+    fn generation_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("store"));
+        assert_eq!(store.desired().unwrap(), None);
+        assert!(store.set_desired(&state(5, &[("app", 1)])).unwrap());
+
+        let err = store.set_desired(&state(4, &[("app", 2)])).unwrap_err();
+        assert!(matches!(err, StoreError::StaleGeneration { current: 5, offered: 4 }), "{err}");
+        assert!(!store.set_desired(&state(5, &[("app", 1)])).unwrap(), "a re-send is a no-op");
+        let err = store.set_desired(&state(5, &[("app", 2)])).unwrap_err();
+        assert!(matches!(err, StoreError::ConflictingGeneration { generation: 5 }), "{err}");
+
+        assert_eq!(store.desired().unwrap(), Some(state(5, &[("app", 1)])));
+        let snapshot = std::fs::read_to_string(dir.path().join("desired.json")).unwrap();
+        assert_eq!(DesiredState::parse(&snapshot).unwrap(), state(5, &[("app", 1)]));
+    }
+
+    #[test]
+    fn previous_revision_is_kept_per_deployment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("store"));
+        store.set_desired(&state(1, &[("app", 1), ("db", 1), ("gone", 1)])).unwrap();
+        assert_eq!(store.previous("app").unwrap(), None);
+
+        store.set_desired(&state(2, &[("app", 2), ("db", 1), ("gone", 2)])).unwrap();
+        store.set_desired(&state(3, &[("app", 2), ("db", 1)])).unwrap();
+        assert_eq!(store.previous("app").unwrap(), Some(deployment("app", 1)));
+        assert_eq!(store.previous("db").unwrap(), None, "its revision never changed");
+        assert_eq!(store.previous("gone").unwrap(), None, "no longer desired, so nothing to roll back to");
+
+        store.set_desired(&state(4, &[("app", 3), ("db", 1)])).unwrap();
+        assert_eq!(store.previous("app").unwrap(), Some(deployment("app", 2)));
+    }
+
+    #[test]
+    fn rollback_override_is_applied_by_effective_and_cleared_by_a_newer_revision_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("store"));
+        assert_eq!(store.effective().unwrap(), None);
+        store.set_desired(&state(1, &[("app", 1), ("db", 1)])).unwrap();
+        store.set_desired(&state(2, &[("app", 2), ("db", 1)])).unwrap();
+        let back = rollback(2, store.previous("app").unwrap().unwrap());
+        store.set_rollback("app", &back).unwrap();
+
+        assert_eq!(store.rollbacks().unwrap(), BTreeMap::from([("app".to_string(), back.clone())]));
+        assert_eq!(store.effective().unwrap(), Some(state(2, &[("app", 1), ("db", 1)])));
+        assert_eq!(store.desired().unwrap(), Some(state(2, &[("app", 2), ("db", 1)])), "desired is untouched");
+
+        store.set_desired(&state(2, &[("app", 2), ("db", 1)])).unwrap();
+        store.set_desired(&state(3, &[("app", 2), ("db", 2)])).unwrap();
+        assert_eq!(store.effective().unwrap(), Some(state(3, &[("app", 1), ("db", 2)])), "same revision: kept");
+
+        store.set_desired(&state(4, &[("app", 3), ("db", 2)])).unwrap();
+        assert!(store.rollbacks().unwrap().is_empty());
+        assert_eq!(store.effective().unwrap(), Some(state(4, &[("app", 3), ("db", 2)])));
+        assert_eq!(store.previous("app").unwrap(), Some(deployment("app", 1)), "what ran, not the failed revision");
+    }
+
+    #[test]
+    fn events_are_numbered_from_1_and_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = open(&path);
+        assert_eq!(store.push_event(applied(1)).unwrap().seq, 1);
+        assert_eq!(store.push_event(applied(2)).unwrap().seq, 2);
+        drop(store);
+
+        let store = open(&path);
+        assert_eq!(store.push_event(applied(3)).unwrap().seq, 3);
+        let events = store.events_after(0, 10).unwrap();
+        assert_eq!(
+            events.iter().map(|e| (e.seq, e.kind.clone())).collect::<Vec<_>>(),
+            [(1, applied(1)), (2, applied(2)), (3, applied(3))]
+        );
+        assert_eq!(store.events_after(1, 1).unwrap()[0].seq, 2);
+        assert!(store.events_after(u64::MAX, 10).unwrap().is_empty());
+        assert!(store.size_on_disk().unwrap() > 0);
+    }
+
+    #[test]
+    fn acked_events_are_deleted_and_their_numbers_not_reused_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = open(&path);
+        for generation in 1..=3 {
+            store.push_event(applied(generation)).unwrap();
+        }
+        store.ack_events(2).unwrap();
+        assert_eq!(store.events_after(0, 10).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+        store.ack_events(3).unwrap();
+        assert!(store.events_after(0, 10).unwrap().is_empty());
+        drop(store);
+
+        let store = open(&path);
+        assert_eq!(store.push_event(applied(4)).unwrap().seq, 4);
+    }
+
+    /// Garbage over sled's files, the two ways sled meets it: refusing to
+    /// open (`conf`), or opening an empty database (`db`).
+    #[test]
+    fn corrupt_store_is_moved_aside_and_the_desired_state_restored_from_the_snapshot() {
+        for file in ["conf", "db"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("store");
+            let store = open(&path);
+            store.set_desired(&state(7, &[("app", 3)])).unwrap();
+            let last = store.push_event(applied(7)).unwrap().seq;
+            drop(store);
+            std::fs::write(path.join(file), vec![0xa5; 4096]).unwrap();
+
+            let (store, recovered) = Store::open(&path, CACHE).unwrap();
+            let recovered = recovered.unwrap_or_else(|| panic!("garbage over {file} was not noticed"));
+            assert_eq!(recovered.restored_generation, Some(7));
+            assert!(recovered.moved_to.file_name().unwrap().to_str().unwrap().starts_with("store.corrupt-"));
+            assert!(recovered.moved_to.join(file).exists(), "the damaged files are kept to look at");
+            assert_eq!(store.desired().unwrap(), Some(state(7, &[("app", 3)])));
+            assert!(store.push_event(applied(8)).unwrap().seq > last, "an event number the hub has seen");
+            drop(store);
+            assert!(Store::open(&path, CACHE).unwrap().1.is_none(), "the fresh store opens as it is");
+        }
+    }
+
+    #[test]
+    fn unreadable_desired_state_in_the_store_counts_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = open(&path);
+        store.set_desired(&state(7, &[("app", 3)])).unwrap();
+        store.desired.insert(CURRENT_KEY, &b"{ not json"[..]).unwrap();
+        store.db.flush().unwrap();
+        drop(store);
+
+        let (store, recovered) = Store::open(&path, CACHE).unwrap();
+        assert!(recovered.unwrap().reason.contains("unreadable desired state"));
+        assert_eq!(store.desired().unwrap(), Some(state(7, &[("app", 3)])));
+    }
+
+    #[test]
+    fn corrupt_store_without_a_snapshot_starts_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        drop(open(&path));
+        std::fs::write(path.join("conf"), vec![0xa5; 4096]).unwrap();
+
+        let (store, recovered) = Store::open(&path, CACHE).unwrap();
+        assert_eq!(recovered.unwrap().restored_generation, None);
+        assert_eq!(store.desired().unwrap(), None);
+    }
+
+    #[test]
+    fn corrupt_store_is_left_in_place_when_the_snapshot_is_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        open(&path).set_desired(&state(7, &[("app", 3)])).unwrap();
+        std::fs::write(path.join("conf"), vec![0xa5; 4096]).unwrap();
+        std::fs::write(dir.path().join("desired.json"), "{ half a docu").unwrap();
+
+        let err = Store::open(&path, CACHE).err().unwrap();
+        assert!(matches!(err, StoreError::UnreadableSnapshot { .. }), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "nothing moved");
+    }
+
+    #[test]
+    fn store_in_use_by_another_process_is_refused_not_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = open(&path);
+        store.set_desired(&state(1, &[("app", 1)])).unwrap();
+
+        let err = Store::open(&path, CACHE).err().unwrap();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert_eq!(store.desired().unwrap(), Some(state(1, &[("app", 1)])));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "store and snapshot, nothing moved");
+    }
+
+    #[test]
+    fn newer_schema_version_is_refused_and_left_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = open(&path);
+        store.meta.insert(SCHEMA_VERSION_KEY, encode(&(SCHEMA_VERSION + 1))).unwrap();
+        store.db.flush().unwrap();
+        drop(store);
+
+        let err = Store::open(&path, CACHE).err().unwrap();
+        assert!(matches!(err, StoreError::NewerSchema { found: 2, supported: 1, .. }), "{err}");
+        assert!(err.to_string().contains("newer edge-agent"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "nothing moved");
+        let again = Store::open(&path, CACHE).err().unwrap();
+        assert!(matches!(again, StoreError::NewerSchema { found: 2, .. }), "not stamped over: {again}");
+    }
+
+    #[test]
+    fn v0_store_without_a_version_is_migrated_and_stamped_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let db = sled::open(&path).unwrap();
+        db.open_tree("desired").unwrap().insert(CURRENT_KEY, encode(&state(3, &[("app", 2)]))).unwrap();
+        db.flush().unwrap();
+        drop(db);
+
+        let store = open(&path);
+        assert_eq!(store.schema_version().unwrap(), Some(1));
+        assert_eq!(store.desired().unwrap(), Some(state(3, &[("app", 2)])));
+    }
+}
