@@ -4,5 +4,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod reconcile;
+pub mod rollback;
 pub mod runtime;
 pub mod store;

@@ -108,6 +108,7 @@ pub struct Store {
     desired: sled::Tree,
     previous: sled::Tree,
     rollbacks: sled::Tree,
+    confirmed: sled::Tree,
     events: sled::Tree,
     snapshot: PathBuf,
 }
@@ -166,6 +167,7 @@ impl Store {
             desired: db.open_tree("desired")?,
             previous: db.open_tree("previous")?,
             rollbacks: db.open_tree("rollbacks")?,
+            confirmed: db.open_tree("confirmed")?,
             events: db.open_tree("events")?,
             db,
             snapshot,
@@ -337,6 +339,18 @@ impl Store {
         Ok(())
     }
 
+    /// The revision of `deployment` that held through its rollback window on
+    /// this device, so that a restart of the agent does not judge it again.
+    pub fn confirmed(&self, deployment: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.confirmed.get(deployment.as_bytes())?.map(|v| decode::<u64>("confirmed revision", &v)).transpose()?)
+    }
+
+    pub fn set_confirmed(&self, deployment: &str, revision: u64) -> Result<(), StoreError> {
+        self.confirmed.insert(deployment.as_bytes(), encode(&revision))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// The desired state with each rolled-back deployment replaced by what it
     /// rolled back to. None when there is no desired state.
     pub fn effective(&self) -> Result<Option<DesiredState>, StoreError> {
@@ -496,6 +510,19 @@ mod tests {
 
     fn applied(generation: u64) -> EventKind {
         EventKind::Applied { generation }
+    }
+
+    #[test]
+    fn confirmed_revision_is_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let (store, _) = Store::open(&path, 1 << 20).unwrap();
+            assert_eq!(store.confirmed("app").unwrap(), None);
+            store.set_confirmed("app", 4).unwrap();
+        }
+        let (store, _) = Store::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.confirmed("app").unwrap(), Some(4));
     }
 
     #[test]

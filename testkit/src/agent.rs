@@ -3,8 +3,8 @@
 //! parallel and clean up after themselves.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -41,6 +41,7 @@ pub struct Agent {
     pub run: TempDir,
     pub cgroup_parent: String,
     pub extra_args: Vec<String>,
+    daemon: Mutex<Option<Child>>,
 }
 
 impl Agent {
@@ -49,7 +50,7 @@ impl Agent {
         let data = tempfile::Builder::new().prefix("outpost-data-").tempdir().expect("temp dir");
         let run = tempfile::Builder::new().prefix("outpost-run-").tempdir().expect("temp dir");
         let cgroup_parent = format!("outpost-test-{}", run.path().file_name().unwrap().to_string_lossy());
-        Self { binary: agent_binary(), data, run, cgroup_parent, extra_args: Vec::new() }
+        Self { binary: agent_binary(), data, run, cgroup_parent, extra_args: Vec::new(), daemon: Mutex::new(None) }
     }
 
     pub fn command(&self) -> Command {
@@ -124,6 +125,55 @@ impl Agent {
     pub fn logs(&self, name: &str) -> String {
         self.ok(&["logs", name])
     }
+
+    /// Starts `edge-agent daemon` and waits until its control socket answers.
+    pub fn start_daemon(&self) {
+        let socket = self.run.path().join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.data.path().join("daemon.log"))
+            .expect("daemon log");
+        let child = self
+            .command()
+            .arg("daemon")
+            .env("OUTPOST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start edge-agent daemon");
+        *self.daemon.lock().unwrap() = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the daemon did not open its socket: {}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL to the daemon, as a crash or a power cut would do it.
+    pub fn kill_daemon(&self) {
+        if let Some(mut child) = self.daemon.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// `apply -f` of a desired-state document.
+    pub fn apply(&self, document: &str) -> Output {
+        let file = self.data.path().join(format!("desired-{}.toml", unique()));
+        std::fs::write(&file, document).unwrap();
+        self.exec(&["apply", "-f", file.to_str().unwrap()])
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        serde_json::from_str::<Value>(&self.ok(&["events", "--json"])).unwrap().as_array().cloned().unwrap_or_default()
+    }
 }
 
 impl Default for Agent {
@@ -134,6 +184,8 @@ impl Default for Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // The daemon first: it would start again what is removed below.
+        self.kill_daemon();
         let Ok(out) = self.command().args(["ps", "--json"]).output() else { return };
         let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         for w in list.as_array().into_iter().flatten() {

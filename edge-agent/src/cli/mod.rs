@@ -1,6 +1,10 @@
 //! Subcommands, one file each. `anyhow` with context lives here, at the edge;
 //! the runtime's errors are typed.
 
+mod apply;
+mod config;
+mod daemon;
+mod events;
 mod gc;
 mod images;
 mod import;
@@ -19,30 +23,30 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost_proto::ByteSize;
 
+use crate::config::Config;
 use crate::runtime::{Paths, RuntimeSettings, Supervisor};
 
 #[derive(Parser)]
-#[command(
-    name = "edge-agent",
-    version,
-    about = "Outpost edge agent: runs OCI workloads on this device and keeps them running"
-)]
+#[command(name = "edge-agent", version, about = "Outpost edge agent: runs OCI workloads on this device and keeps them running")]
 pub struct Cli {
-    /// Images, workloads, volumes and logs: kept across reboots.
-    #[arg(long, global = true, env = "OUTPOST_DATA_DIR", default_value = "/var/lib/outpost")]
-    pub data_dir: PathBuf,
+    /// The agent's configuration (see `edge-agent config default`); /etc/outpost/agent.toml when it exists.
+    #[arg(long, global = true, env = "OUTPOST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Images, workloads, volumes, the store and logs: kept across reboots.
+    #[arg(long, global = true, env = "OUTPOST_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Runtime state of running workloads: a tmpfs that a reboot empties.
-    #[arg(long, global = true, env = "OUTPOST_RUN_DIR", default_value = "/run/outpost")]
-    pub run_dir: PathBuf,
+    #[arg(long, global = true, env = "OUTPOST_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
     /// cgroup under which each workload's cgroup is made.
-    #[arg(long, global = true, env = "OUTPOST_CGROUP_PARENT", default_value = "outpost")]
-    pub cgroup_parent: String,
+    #[arg(long, global = true, env = "OUTPOST_CGROUP_PARENT")]
+    pub cgroup_parent: Option<String>,
     /// Size at which a workload's log file is rotated.
-    #[arg(long, global = true, default_value = "1MiB")]
-    pub log_max_size: ByteSize,
+    #[arg(long, global = true)]
+    pub log_max_size: Option<ByteSize>,
     /// Log files kept per workload, the current one included.
-    #[arg(long, global = true, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub log_files: u32,
+    #[arg(long, global = true)]
+    pub log_files: Option<u32>,
     /// A registry reached over plain HTTP (host:port), e.g. a site cache on the LAN. Repeatable.
     #[arg(long = "insecure-registry", global = true, env = "OUTPOST_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
@@ -50,8 +54,42 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The configuration file (or the defaults) with the command line on top.
+    fn resolve_config(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(dir) = &self.run_dir {
+            config.run_dir = dir.clone();
+        }
+        if let Some(parent) = &self.cgroup_parent {
+            config.cgroup_parent = parent.clone();
+        }
+        if let Some(size) = self.log_max_size {
+            config.log_max_size = size;
+        }
+        if let Some(files) = self.log_files {
+            config.log_files = files;
+        }
+        config.insecure_registries.extend(self.insecure_registries.iter().cloned());
+        config.validate()?;
+        Ok(config)
+    }
+}
+
 #[derive(Subcommand)]
 pub enum Command {
+    /// Keep this device converged on its desired state (the long-running agent).
+    Daemon,
+    /// Apply a desired-state document from a file: through the running daemon, or directly when none runs.
+    Apply(apply::ApplyArgs),
+    /// The device's events: applied, revision started, healthy, failed, rolled back.
+    Events(events::EventsArgs),
+    /// The agent's configuration.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Run a workload from a spec file (TOML or JSON), pulling its image if needed.
     Run(run::RunArgs),
     /// List workloads with their state.
@@ -78,30 +116,38 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let paths = Paths::new(&cli.data_dir, &cli.run_dir);
+    if let Command::Config(command) = cli.command {
+        return config::run(command);
+    }
+    let config = cli.resolve_config()?;
+    let paths = Paths::new(&config.data_dir, &config.run_dir);
     if let Command::Shim(args) = cli.command {
         return shim::run(paths, args);
     }
     init_logging();
     let settings = RuntimeSettings {
-        cgroup_parent: cli.cgroup_parent.clone(),
-        log_max_size: cli.log_max_size.0,
-        log_files: cli.log_files,
+        cgroup_parent: config.cgroup_parent.clone(),
+        log_max_size: config.log_max_size.0,
+        log_files: config.log_files,
         shim_binary: std::env::current_exe().context("cannot find the edge-agent binary to start shims from")?,
     };
     let supervisor = Supervisor::new(paths, settings);
+    let insecure = &config.insecure_registries;
     match cli.command {
-        Command::Run(args) => run::run(&supervisor, &cli.insecure_registries, args),
+        Command::Daemon => daemon::run(&config, supervisor),
+        Command::Apply(args) => apply::run(&config, supervisor, args),
+        Command::Events(args) => events::run(&config, args),
+        Command::Run(args) => run::run(&supervisor, insecure, args),
         Command::Ps(args) => ps::run(&supervisor, args),
         Command::Logs(args) => logs::run(&supervisor, args),
         Command::Start(args) => start::run(&supervisor, args),
         Command::Stop(args) => stop::run(&supervisor, args),
         Command::Rm(args) => rm::run(&supervisor, args),
-        Command::Pull(args) => block_on(pull::run(supervisor.paths(), &cli.insecure_registries, args))?,
+        Command::Pull(args) => block_on(pull::run(supervisor.paths(), insecure, args))?,
         Command::Import(args) => import::run(supervisor.paths(), args),
         Command::Images(args) => images::run(supervisor.paths(), args),
         Command::Gc(args) => gc::run(supervisor.paths(), args),
-        Command::Shim(_) => unreachable!("handled above"),
+        Command::Config(_) | Command::Shim(_) => unreachable!("handled above"),
     }
 }
 

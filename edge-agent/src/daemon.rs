@@ -1,0 +1,224 @@
+//! The long-running agent: keeps the device converged on its desired state,
+//! watches each new revision and rolls it back on the device when it fails.
+//!
+//! It needs nothing but its own disk: at start it runs the last desired state
+//! it stored, with no network and no hub, and nothing is ever stopped because
+//! a hub cannot be reached. It is `run(listener, shutdown)` so that tests
+//! start it in-process.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outpost_proto::{DesiredState, EventKind};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+
+use crate::control::{Request, Response};
+use crate::reconcile::Reconciler;
+use crate::rollback::{judge, Verdict, Watch};
+use crate::runtime::Supervisor;
+use crate::store::{Rollback, Store};
+
+/// Events the control socket returns per request at most.
+const EVENTS_PER_REQUEST: usize = 1000;
+
+/// The agent's state between passes.
+pub struct Core {
+    store: Arc<Store>,
+    supervisor: Supervisor,
+    insecure_registries: Vec<String>,
+    watches: Vec<Watch>,
+    /// The revision of each deployment this process has started, so that a
+    /// revision is watched once per start of the agent.
+    started: BTreeMap<String, u64>,
+}
+
+impl Core {
+    pub fn new(store: Arc<Store>, supervisor: Supervisor, insecure_registries: Vec<String>) -> Self {
+        Self { store, supervisor, insecure_registries, watches: Vec::new(), started: BTreeMap::new() }
+    }
+
+    /// One reconcile pass, then the verdict on each watched revision. Returns
+    /// true when it rolled a deployment back, so another pass should follow.
+    pub fn pass(&mut self) -> bool {
+        let state = match self.store.effective() {
+            Ok(Some(state)) => state,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::error!("cannot read the desired state: {e}");
+                return false;
+            }
+        };
+        self.watch_new_revisions(&state);
+        Reconciler { supervisor: &self.supervisor, insecure_registries: &self.insecure_registries }.pass(&state);
+        self.judge_watches(&state)
+    }
+
+    fn watch_new_revisions(&mut self, state: &DesiredState) {
+        let rollbacks = self.store.rollbacks().unwrap_or_default();
+        for d in &state.deployments {
+            if self.started.get(&d.name) == Some(&d.revision) {
+                continue;
+            }
+            self.started.insert(d.name.clone(), d.revision);
+            self.watches.retain(|w| w.deployment != d.name);
+            // A rolled-back deployment runs a revision that already held; a
+            // revision confirmed healthy before a restart stays confirmed.
+            if rollbacks.contains_key(&d.name) || self.store.confirmed(&d.name).ok().flatten() == Some(d.revision) {
+                continue;
+            }
+            self.event(EventKind::RevisionStarted { deployment: d.name.clone(), revision: d.revision });
+            self.watches.push(Watch {
+                deployment: d.name.clone(),
+                revision: d.revision,
+                since: Instant::now(),
+                window: d.rollback_window,
+            });
+        }
+    }
+
+    fn judge_watches(&mut self, state: &DesiredState) -> bool {
+        let instances = self.supervisor.list();
+        let now = Instant::now();
+        let mut rolled_back = false;
+        for watch in std::mem::take(&mut self.watches) {
+            let Some(d) = state.deployment(&watch.deployment).filter(|d| d.revision == watch.revision) else {
+                continue;
+            };
+            match judge(&watch, d, &instances, now) {
+                Verdict::Pending => self.watches.push(watch),
+                Verdict::Healthy => {
+                    self.event(EventKind::Healthy { deployment: d.name.clone(), revision: d.revision });
+                    if let Err(e) = self.store.set_confirmed(&d.name, d.revision) {
+                        tracing::error!("cannot record that {} revision {} is healthy: {e}", d.name, d.revision);
+                    }
+                }
+                Verdict::Failed { workload, reason } => {
+                    tracing::warn!(deployment = %d.name, revision = d.revision, %workload, "revision failed: {reason}");
+                    self.event(EventKind::Failed {
+                        deployment: d.name.clone(),
+                        revision: d.revision,
+                        workload: workload.clone(),
+                        reason: reason.clone(),
+                    });
+                    rolled_back |= self.roll_back(&d.name, d.revision, format!("workload `{workload}`: {reason}"));
+                }
+            }
+        }
+        rolled_back
+    }
+
+    fn roll_back(&mut self, deployment: &str, from_revision: u64, reason: String) -> bool {
+        let previous = match self.store.previous(deployment) {
+            Ok(Some(previous)) => previous,
+            Ok(None) => {
+                tracing::error!(%deployment, "revision {from_revision} failed and there is no earlier revision to return to: its workloads keep restarting");
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(%deployment, "cannot read the previous revision: {e}");
+                return false;
+            }
+        };
+        let to_revision = previous.revision;
+        if let Err(e) = self.store.set_rollback(deployment, &Rollback { from_revision, to: previous, reason: reason.clone() }) {
+            tracing::error!(%deployment, "cannot record the rollback: {e}");
+            return false;
+        }
+        tracing::warn!(%deployment, "rolled back from revision {from_revision} to {to_revision}: {reason}");
+        self.event(EventKind::RolledBack { deployment: deployment.to_string(), from_revision, to_revision, reason });
+        true
+    }
+
+    fn event(&self, kind: EventKind) {
+        if let Err(e) = self.store.push_event(kind) {
+            tracing::error!("cannot record an event: {e}");
+        }
+    }
+}
+
+/// Stores a desired state and records the event; the caller reconciles.
+pub fn apply(store: &Store, state: &DesiredState) -> Result<bool, String> {
+    let result = state.validate().map_err(|e| e.to_string()).and_then(|_| store.set_desired(state).map_err(|e| e.to_string()));
+    let event = match &result {
+        Ok(true) => EventKind::Applied { generation: state.generation },
+        Ok(false) => return result,
+        Err(reason) => EventKind::Rejected { reason: reason.clone() },
+    };
+    if let Err(e) = store.push_event(event) {
+        tracing::error!("cannot record an event: {e}");
+    }
+    result
+}
+
+/// Runs the agent until `shutdown` completes. Workloads keep running after it
+/// returns: their shims supervise them.
+pub async fn run(core: Core, listener: UnixListener, interval: Duration, shutdown: impl Future<Output = ()>) {
+    let store = core.store.clone();
+    let core = Arc::new(Mutex::new(core));
+    let kick = Arc::new(Notify::new());
+    let reconciler = tokio::spawn(reconcile_loop(core, kick.clone(), interval));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve(stream, store.clone(), kick.clone()));
+                }
+                Err(e) => tracing::warn!("control socket: {e}"),
+            },
+        }
+    }
+    reconciler.abort();
+}
+
+async fn reconcile_loop(core: Arc<Mutex<Core>>, kick: Arc<Notify>, interval: Duration) {
+    loop {
+        let core = core.clone();
+        let again = tokio::task::spawn_blocking(move || core.lock().map(|mut c| c.pass()).unwrap_or(false))
+            .await
+            .unwrap_or(false);
+        if again {
+            continue;
+        }
+        tokio::select! {
+            _ = kick.notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+async fn serve(stream: UnixStream, store: Arc<Store>, kick: Arc<Notify>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response::Error(format!("malformed request: {e}")),
+            Ok(Request::Events { after }) => match store.events_after(after, EVENTS_PER_REQUEST) {
+                Ok(events) => Response::Events(events),
+                Err(e) => Response::Error(e.to_string()),
+            },
+            Ok(Request::Apply(state)) => {
+                let store = store.clone();
+                let generation = state.generation;
+                match tokio::task::spawn_blocking(move || apply(&store, &state)).await {
+                    Ok(Ok(changed)) => {
+                        kick.notify_one();
+                        Response::Applied { generation, changed }
+                    }
+                    Ok(Err(e)) => Response::Error(e),
+                    Err(e) => Response::Error(format!("the agent failed while storing: {e}")),
+                }
+            }
+        };
+        let mut line = serde_json::to_vec(&response).unwrap_or_default();
+        line.push(b'\n');
+        if write.write_all(&line).await.is_err() {
+            return;
+        }
+    }
+}
