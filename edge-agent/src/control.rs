@@ -21,7 +21,10 @@ pub enum Request {
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
     /// Stored and flushed; `changed` is false when this generation was already there.
-    Applied { generation: u64, changed: bool },
+    Applied {
+        generation: u64,
+        changed: bool,
+    },
     Events(Vec<Event>),
     Error(String),
 }

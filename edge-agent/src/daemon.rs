@@ -124,7 +124,9 @@ impl Core {
             }
         };
         let to_revision = previous.revision;
-        if let Err(e) = self.store.set_rollback(deployment, &Rollback { from_revision, to: previous, reason: reason.clone() }) {
+        if let Err(e) =
+            self.store.set_rollback(deployment, &Rollback { from_revision, to: previous, reason: reason.clone() })
+        {
             tracing::error!(%deployment, "cannot record the rollback: {e}");
             return false;
         }
@@ -142,7 +144,8 @@ impl Core {
 
 /// Stores a desired state and records the event; the caller reconciles.
 pub fn apply(store: &Store, state: &DesiredState) -> Result<bool, String> {
-    let result = state.validate().map_err(|e| e.to_string()).and_then(|_| store.set_desired(state).map_err(|e| e.to_string()));
+    let result =
+        state.validate().map_err(|e| e.to_string()).and_then(|_| store.set_desired(state).map_err(|e| e.to_string()));
     let event = match &result {
         Ok(true) => EventKind::Applied { generation: state.generation },
         Ok(false) => return result,

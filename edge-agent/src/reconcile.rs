@@ -78,7 +78,7 @@ pub enum Action {
     /// Stop and delete an instance (its named volumes stay).
     Remove(String),
     /// Write a new instance for this workload and start it.
-    Create(Wanted),
+    Create(Box<Wanted>),
     /// Start an existing instance again.
     Start(String),
 }
@@ -89,13 +89,14 @@ pub fn plan(wanted: &[Wanted], actual: &[Actual]) -> Vec<Action> {
         let id = instance_id(&w.spec);
         let current = actual.iter().find(|a| a.instance == id);
         let others: Vec<&Actual> = actual.iter().filter(|a| a.name == w.spec.name && a.instance != id).collect();
-        let retire = |actions: &mut Vec<Action>| actions.extend(others.iter().map(|a| Action::Remove(a.instance.clone())));
+        let retire =
+            |actions: &mut Vec<Action>| actions.extend(others.iter().map(|a| Action::Remove(a.instance.clone())));
         match (w.spec.update_strategy, current.map(|c| c.phase)) {
             (UpdateStrategy::StopFirst, None) => {
                 retire(&mut actions);
-                actions.push(Action::Create(w.clone()));
+                actions.push(Action::Create(Box::new(w.clone())));
             }
-            (UpdateStrategy::StartFirst, None) => actions.push(Action::Create(w.clone())),
+            (UpdateStrategy::StartFirst, None) => actions.push(Action::Create(Box::new(w.clone()))),
             (_, Some(Phase::Down)) => {
                 if w.spec.update_strategy == UpdateStrategy::StopFirst {
                     retire(&mut actions);
@@ -197,20 +198,24 @@ mod tests {
     #[test]
     fn empty_device_creates_every_wanted_workload() {
         let wanted = [want("a", "x:1"), want("b", "y:1")];
-        assert_eq!(plan(&wanted, &[]), [Action::Create(wanted[0].clone()), Action::Create(wanted[1].clone())]);
+        assert_eq!(
+            plan(&wanted, &[]),
+            [Action::Create(Box::new(wanted[0].clone())), Action::Create(Box::new(wanted[1].clone()))]
+        );
     }
 
     #[test]
     fn converged_device_plans_nothing_whatever_the_phase() {
         let wanted = [want("a", "x:1"), want("b", "y:1"), want("c", "z:1")];
-        let actual = [have(&wanted[0], Phase::Up), have(&wanted[1], Phase::Supervised), have(&wanted[2], Phase::Finished)];
+        let actual =
+            [have(&wanted[0], Phase::Up), have(&wanted[1], Phase::Supervised), have(&wanted[2], Phase::Finished)];
         assert!(plan(&wanted, &actual).is_empty());
     }
 
     #[test]
     fn partial_device_creates_only_what_is_missing() {
         let wanted = [want("a", "x:1"), want("b", "y:1")];
-        assert_eq!(plan(&wanted, &[have(&wanted[0], Phase::Up)]), [Action::Create(wanted[1].clone())]);
+        assert_eq!(plan(&wanted, &[have(&wanted[0], Phase::Up)]), [Action::Create(Box::new(wanted[1].clone()))]);
     }
 
     #[test]
@@ -236,7 +241,7 @@ mod tests {
         let other = want("b", "y:1");
         let actual = [have(&old, Phase::Up), have(&other, Phase::Up)];
         let actions = plan(&[new.clone(), other], &actual);
-        assert_eq!(actions, [Action::Remove(instance_id(&old.spec)), Action::Create(new)]);
+        assert_eq!(actions, [Action::Remove(instance_id(&old.spec)), Action::Create(Box::new(new))]);
     }
 
     #[test]
@@ -244,7 +249,7 @@ mod tests {
         let old = start_first(want("a", "x:1"));
         let new = start_first(want("a", "x:2"));
         let wanted = [new.clone()];
-        assert_eq!(plan(&wanted, &[have(&old, Phase::Up)]), [Action::Create(new.clone())]);
+        assert_eq!(plan(&wanted, &[have(&old, Phase::Up)]), [Action::Create(Box::new(new.clone()))]);
         assert!(plan(&wanted, &[have(&old, Phase::Up), have(&new, Phase::Supervised)]).is_empty());
         let done = plan(&wanted, &[have(&old, Phase::Up), have(&new, Phase::Up)]);
         assert_eq!(done, [Action::Remove(instance_id(&old.spec))]);
@@ -254,7 +259,7 @@ mod tests {
     fn crash_between_remove_and_create_converges_to_the_new_instance() {
         let new = want("a", "x:2");
         let half_made = have(&new, Phase::Down);
-        assert_eq!(plan(&[new.clone()], &[half_made]), [Action::Start(instance_id(&new.spec))]);
+        assert_eq!(plan(std::slice::from_ref(&new), &[half_made]), [Action::Start(instance_id(&new.spec))]);
     }
 
     #[test]

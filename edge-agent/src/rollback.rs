@@ -137,12 +137,16 @@ mod tests {
             s.restarts = 5;
             s.last_exit = Some(ExitStatus { code: Some(1), signal: None, oom_killed: false, at: 0 });
         })];
-        assert!(failed(verdict(Duration::from_secs(5), &looping)).contains("crash loop after 5 restarts, last exit code 1"));
+        assert!(
+            failed(verdict(Duration::from_secs(5), &looping)).contains("crash loop after 5 restarts, last exit code 1")
+        );
     }
 
     #[test]
     fn failing_probe_or_error_exit_fails_the_revision() {
-        assert!(failed(verdict(Duration::from_secs(1), &[instance(|s| s.health = Health::Unhealthy)])).contains("probe"));
+        assert!(
+            failed(verdict(Duration::from_secs(1), &[instance(|s| s.health = Health::Unhealthy)])).contains("probe")
+        );
         let exited = instance(|s| {
             s.state = State::Exited;
             s.last_exit = Some(ExitStatus { code: Some(1), signal: None, oom_killed: false, at: 0 });

@@ -342,7 +342,7 @@ impl Store {
     /// The revision of `deployment` that held through its rollback window on
     /// this device, so that a restart of the agent does not judge it again.
     pub fn confirmed(&self, deployment: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self.confirmed.get(deployment.as_bytes())?.map(|v| decode::<u64>("confirmed revision", &v)).transpose()?)
+        self.confirmed.get(deployment.as_bytes())?.map(|v| decode::<u64>("confirmed revision", &v)).transpose()
     }
 
     pub fn set_confirmed(&self, deployment: &str, revision: u64) -> Result<(), StoreError> {

@@ -44,8 +44,11 @@ fn converged(agent: &Agent, names: &[&str]) -> BTreeMap<String, Value> {
     let deadline = Instant::now() + WAIT;
     loop {
         let all = instances(agent);
-        let running: BTreeMap<String, Value> =
-            all.iter().filter(|w| state(w) == "running").map(|w| (w["name"].as_str().unwrap().to_string(), w.clone())).collect();
+        let running: BTreeMap<String, Value> = all
+            .iter()
+            .filter(|w| state(w) == "running")
+            .map(|w| (w["name"].as_str().unwrap().to_string(), w.clone()))
+            .collect();
         if all.len() == names.len() && running.len() == names.len() && names.iter().all(|n| running.contains_key(*n)) {
             return running;
         }
@@ -140,7 +143,10 @@ fn cold_boot_with_no_network_runs_every_workload() {
     std::thread::sleep(Duration::from_millis(200));
     let _ = Command::new("sh")
         .arg("-c")
-        .arg(format!("grep -o ' {}[^ ]*rootfs' /proc/self/mountinfo | xargs -r -n1 umount -l", agent.data.path().display()))
+        .arg(format!(
+            "grep -o ' {}[^ ]*rootfs' /proc/self/mountinfo | xargs -r -n1 umount -l",
+            agent.data.path().display()
+        ))
         .status();
     for entry in std::fs::read_dir(agent.run.path()).unwrap().flatten() {
         let _ = std::fs::remove_dir_all(entry.path());
@@ -277,8 +283,13 @@ fn agent_killed_at_random_moments_while_applying_always_converges_to_the_newest_
     }
     assert!(acknowledged > 0, "no apply was ever acknowledged");
     // What the store holds: the newest acknowledged generation, or a newer one stored just before a kill.
-    let stored =
-        agent.events().iter().filter(|e| e["event"] == "applied").filter_map(|e| e["generation"].as_u64()).max().unwrap();
+    let stored = agent
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "applied")
+        .filter_map(|e| e["generation"].as_u64())
+        .max()
+        .unwrap();
     assert!(stored >= acknowledged, "the store lost acknowledged generation {acknowledged} (has {stored})");
     let expected = wanted(stored, counts[&stored]);
     let names: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();

@@ -325,6 +325,13 @@ async fn a_registry_that_does_not_answer_is_reported_unreachable() {
     assert!(err.to_string().contains("edge-agent import"), "{err}");
 }
 
+/// `skopeo copy SRC DST`, the archive writer of the tools sites use.
+fn skopeo_copy(source: &str, destination: &str) {
+    let status =
+        Command::new("skopeo").args(["copy", "--quiet", "--insecure-policy", source, destination]).status().unwrap();
+    assert!(status.success(), "skopeo could not copy {source} to {destination}");
+}
+
 #[test]
 fn an_oci_archive_made_by_skopeo_is_imported() {
     require_root();
@@ -332,13 +339,10 @@ fn an_oci_archive_made_by_skopeo_is_imported() {
     let dir = TempDir::new().unwrap();
     let layout = busybox_layout(dir.path(), "busybox:1", vec![]);
     let archive = dir.path().join("busybox.tar");
-    let status = Command::new("skopeo")
-        .args(["copy", "--quiet", "--insecure-policy"])
-        .arg(format!("oci:{}:busybox:1", layout.display()))
-        .arg(format!("oci-archive:{}:site/busybox:1", archive.display()))
-        .status()
-        .unwrap();
-    assert!(status.success(), "skopeo could not write the archive");
+    skopeo_copy(
+        &format!("oci:{}:busybox:1", layout.display()),
+        &format!("oci-archive:{}:site/busybox:1", archive.display()),
+    );
 
     let store = store(dir.path());
     let images = store.import(&archive).unwrap();
@@ -355,13 +359,7 @@ fn an_unnamed_oci_archive_is_imported_and_found_by_digest() {
     let dir = TempDir::new().unwrap();
     let layout = busybox_layout(dir.path(), "busybox:1", vec![]);
     let archive = dir.path().join("busybox.tar");
-    let status = Command::new("skopeo")
-        .args(["copy", "--quiet", "--insecure-policy"])
-        .arg(format!("oci:{}", layout.display()))
-        .arg(format!("oci-archive:{}", archive.display()))
-        .status()
-        .unwrap();
-    assert!(status.success(), "skopeo could not write the archive");
+    skopeo_copy(&format!("oci:{}", layout.display()), &format!("oci-archive:{}", archive.display()));
 
     let store = store(dir.path());
     let image = store.import(&archive).unwrap().remove(0);

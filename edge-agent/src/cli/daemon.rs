@@ -14,8 +14,8 @@ use crate::store::Store;
 
 pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
     require_root()?;
-    let (store, recovered) = Store::open(&config.data_dir.join("store"), config.store_cache.0)
-        .context("cannot open the agent's store")?;
+    let (store, recovered) =
+        Store::open(&config.data_dir.join("store"), config.store_cache.0).context("cannot open the agent's store")?;
     if let Some(r) = recovered {
         tracing::error!(
             "the store could not be read ({}); it was moved to {} and a new one started from desired generation {:?}",
@@ -34,8 +34,7 @@ pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
         let socket = socket_path(&config.run_dir);
         // Only one daemon can hold the store, so a socket file left here is stale.
         let _ = std::fs::remove_file(&socket);
-        let listener =
-            UnixListener::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+        let listener = UnixListener::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
         let mut terminate = signal(SignalKind::terminate())?;
         let shutdown = async move {

@@ -27,7 +27,11 @@ use crate::config::Config;
 use crate::runtime::{Paths, RuntimeSettings, Supervisor};
 
 #[derive(Parser)]
-#[command(name = "edge-agent", version, about = "Outpost edge agent: runs OCI workloads on this device and keeps them running")]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Outpost edge agent: runs OCI workloads on this device and keeps them running"
+)]
 pub struct Cli {
     /// The agent's configuration (see `edge-agent config default`); /etc/outpost/agent.toml when it exists.
     #[arg(long, global = true, env = "OUTPOST_CONFIG")]

@@ -145,7 +145,11 @@ fn wait_all_running(run: &Path, count: usize, timeout: Duration) -> anyhow::Resu
 
 fn rss_kib(child: &Child) -> i64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
 }
 
 fn dir_size(dir: &Path) -> anyhow::Result<u64> {
