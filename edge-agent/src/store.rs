@@ -20,6 +20,11 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use crate::runtime::paths::write_atomic;
 
+/// Events kept at most while no hub has acknowledged them.
+#[cfg(not(test))]
+const MAX_EVENTS: u64 = 10_000;
+#[cfg(test)]
+const MAX_EVENTS: u64 = 50;
 /// The layout this code reads and writes; `Store::migrate` brings older ones up to it.
 const SCHEMA_VERSION: u32 = 1;
 
@@ -386,6 +391,16 @@ impl Store {
                 Ok(event)
             })
             .map_err(transaction_error)?;
+        // A device that never reaches a hub must not fill its disk with
+        // events: past the cap the oldest go (their numbers show the gap).
+        // Kept events are one run of numbers (acks delete from the front).
+        while let Some((oldest, _)) = self.events.first()? {
+            let oldest = u64::from_be_bytes(oldest.as_ref().try_into().unwrap_or([0; 8]));
+            if event.seq - oldest < MAX_EVENTS {
+                break;
+            }
+            self.events.remove(oldest.to_be_bytes())?;
+        }
         self.db.flush()?;
         Ok(event)
     }
@@ -510,6 +525,18 @@ mod tests {
 
     fn applied(generation: u64) -> EventKind {
         EventKind::Applied { generation }
+    }
+
+    #[test]
+    fn events_past_the_cap_drop_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("store"), 1 << 20).unwrap();
+        for generation in 0..MAX_EVENTS + 5 {
+            store.push_event(EventKind::Applied { generation }).unwrap();
+        }
+        let events = store.events_after(0, usize::MAX).unwrap();
+        assert_eq!(events.len() as u64, MAX_EVENTS);
+        assert_eq!(events[0].seq, 6, "the five oldest were dropped");
     }
 
     #[test]
