@@ -19,9 +19,8 @@ echo "==> making the image busybox:quickstart from this machine's busybox-static
 target/release/busybox-image /tmp/outpost-quickstart-image busybox:quickstart
 $agent import /tmp/outpost-quickstart-image
 
-if $agent ps --json | grep -q '"name": "hello"'; then
-    echo "==> removing the previous quickstart workload"
-    $agent rm hello
+if $agent rm hello >/dev/null 2>&1; then
+    echo "==> removed the previous quickstart workload"
 fi
 echo "==> running examples/quickstart/hello.toml"
 $agent run -f examples/quickstart/hello.toml

@@ -321,3 +321,19 @@ fn passed_through_device_is_usable_inside_the_container_and_others_are_not() {
     assert!(logs.contains("00 00 00"), "the passed device was read: {logs}");
     assert!(logs.contains("no-mem") && logs.contains("no-mknod"), "a device not passed stays out of reach: {logs}");
 }
+
+#[test]
+fn unreadable_workload_record_is_shown_and_can_be_removed() {
+    let (agent, image) = agent_with_busybox();
+    agent.run_spec(&spec("damaged", &image, "sleep 300", ""));
+    let w = agent.wait_for("damaged", WAIT, "running", |w| state(w) == "running");
+    let instance = w["instance"].as_str().unwrap().to_string();
+    let record = agent.data.path().join("workloads").join(&instance).join("workload.json");
+    std::fs::write(&record, b"{ not json").unwrap();
+
+    let listed = agent.wait_for(&instance, WAIT, "unreadable", |w| state(w) == "unreadable");
+    assert_eq!(listed["status"]["state"], "running", "its shim still reports it");
+    agent.ok(&["rm", &instance]);
+    assert_eq!(agent.workload(&instance), Value::Null);
+    assert!(!record.exists());
+}

@@ -228,8 +228,14 @@ impl Supervisor {
     pub fn stop(&self, name: &str) -> Result<WorkloadInfo, RuntimeError> {
         require_root()?;
         let workload = self.paths.workload(name);
-        let record = WorkloadRecord::read(&workload.record()).map_err(|_| RuntimeError::NotFound(name.to_string()))?;
-        let deadline = Instant::now() + record.spec.stop_grace_period + Duration::from_secs(10);
+        if !workload.record().exists() {
+            return Err(RuntimeError::NotFound(name.to_string()));
+        }
+        // An unreadable record (from another version, or damaged) must still be stoppable.
+        let grace = WorkloadRecord::read(&workload.record())
+            .map(|r| r.spec.stop_grace_period)
+            .unwrap_or(Duration::from_secs(10));
+        let deadline = Instant::now() + grace + Duration::from_secs(10);
         if let Ok(status) = WorkloadStatus::read(&workload.status()) {
             if status.shim_alive() {
                 let _ = kill(Pid::from_raw(status.shim_pid), Signal::SIGTERM);
@@ -255,8 +261,26 @@ impl Supervisor {
 
     pub fn info(&self, name: &str) -> Result<WorkloadInfo, RuntimeError> {
         let workload = self.paths.workload(name);
-        let record = WorkloadRecord::read(&workload.record()).map_err(|_| RuntimeError::NotFound(name.to_string()))?;
+        if !workload.record().exists() {
+            return Err(RuntimeError::NotFound(name.to_string()));
+        }
         let status = WorkloadStatus::read(&workload.status()).ok();
+        let record = match WorkloadRecord::read(&workload.record()) {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!("workload record {}: {e}", workload.record().display());
+                return Ok(WorkloadInfo {
+                    instance: name.to_string(),
+                    name: name.to_string(),
+                    deployment: None,
+                    spec_hash: String::new(),
+                    image: String::new(),
+                    image_digest: String::new(),
+                    state: "unreadable".to_string(),
+                    status,
+                });
+            }
+        };
         let state = match &status {
             None => "created".to_string(),
             Some(s) if !s.state.is_final() && !s.shim_alive() => "lost".to_string(),
@@ -287,11 +311,6 @@ impl Supervisor {
             .collect();
         names.sort();
         names.iter().filter_map(|n| self.info(n).ok()).collect()
-    }
-
-    /// Manifest digests of the images that workloads on this device use.
-    pub fn images_in_use(&self) -> Vec<String> {
-        self.list().into_iter().map(|w| w.image_digest).collect()
     }
 }
 
