@@ -3,6 +3,7 @@
 pub mod desired;
 pub mod event;
 pub mod size;
+pub mod sync;
 pub mod workload;
 
 pub use desired::{Deployment, DesiredState};
