@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use outpost_proto::sync::{Encoding, Topics};
 use outpost_proto::ByteSize;
 use serde::{Deserialize, Deserializer};
 
@@ -23,6 +24,13 @@ pub struct Config {
     pub device_id: String,
     /// MQTT URL of the hub; empty means no hub.
     pub hub: String,
+    pub hub_token: String,
+    pub topic_prefix: String,
+    pub encoding: Encoding,
+    #[serde(deserialize_with = "duration")]
+    pub keep_alive: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub report_interval: Duration,
     pub cgroup_parent: String,
     pub log_max_size: ByteSize,
     pub log_files: u32,
@@ -39,6 +47,11 @@ impl Default for Config {
             run_dir: "/run/outpost".into(),
             device_id: String::new(),
             hub: String::new(),
+            hub_token: String::new(),
+            topic_prefix: Topics::DEFAULT_PREFIX.into(),
+            encoding: Encoding::Cbor,
+            keep_alive: Duration::from_secs(120),
+            report_interval: Duration::from_secs(2),
             cgroup_parent: "outpost".into(),
             log_max_size: ByteSize(1 << 20),
             log_files: 3,
@@ -85,6 +98,12 @@ impl Config {
         }
         if !(1..=100).contains(&self.log_files) {
             bail!("log-files is {}: keep from 1 to 100 files per workload", self.log_files);
+        }
+        if self.keep_alive < Duration::from_secs(5) || self.keep_alive > Duration::from_secs(65535) {
+            bail!("keep-alive must be from 5s to 65535s (MQTT's limit), e.g. \"120s\"");
+        }
+        if self.report_interval.is_zero() {
+            bail!("report-interval must be above zero, e.g. \"2s\"");
         }
         if self.reconcile_interval.is_zero() {
             bail!("reconcile-interval must be above zero, e.g. \"2s\"");

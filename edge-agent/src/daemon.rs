@@ -21,6 +21,7 @@ use crate::reconcile::Reconciler;
 use crate::rollback::{judge, Verdict, Watch};
 use crate::runtime::Supervisor;
 use crate::store::{Rollback, Store};
+use crate::sync::{self, SyncSettings};
 
 /// Events the control socket returns per request at most.
 const EVENTS_PER_REQUEST: usize = 1000;
@@ -157,13 +158,28 @@ pub fn apply(store: &Store, state: &DesiredState) -> Result<bool, String> {
     result
 }
 
-/// Runs the agent until `shutdown` completes. Workloads keep running after it
-/// returns: their shims supervise them.
-pub async fn run(core: Core, listener: UnixListener, interval: Duration, shutdown: impl Future<Output = ()>) {
+/// Runs the agent until `shutdown` completes, linked to a hub when `hub` is
+/// given. Workloads keep running after it returns: their shims supervise them.
+pub async fn run(
+    core: Core,
+    listener: UnixListener,
+    interval: Duration,
+    hub: Option<SyncSettings>,
+    shutdown: impl Future<Output = ()>,
+) {
     let store = core.store.clone();
+    let supervisor = core.supervisor.clone();
     let core = Arc::new(Mutex::new(core));
     let kick = Arc::new(Notify::new());
     let reconciler = tokio::spawn(reconcile_loop(core, kick.clone(), interval));
+    let link = hub.map(|settings| {
+        let (store, kick) = (store.clone(), kick.clone());
+        tokio::spawn(async move {
+            if let Err(e) = sync::run(settings, store, supervisor, kick).await {
+                tracing::error!("no link to the hub: {e}");
+            }
+        })
+    });
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -177,6 +193,9 @@ pub async fn run(core: Core, listener: UnixListener, interval: Duration, shutdow
         }
     }
     reconciler.abort();
+    if let Some(link) = link {
+        link.abort();
+    }
 }
 
 async fn reconcile_loop(core: Arc<Mutex<Core>>, kick: Arc<Notify>, interval: Duration) {

@@ -10,3 +10,4 @@ pub mod reconcile;
 pub mod rollback;
 pub mod runtime;
 pub mod store;
+pub mod sync;

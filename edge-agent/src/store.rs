@@ -31,6 +31,7 @@ const SCHEMA_VERSION: u32 = 1;
 const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
 /// The last event number handed out: the events tree alone forgets it once every event is acked.
 const LAST_EVENT_SEQ_KEY: &[u8] = b"last_event_seq";
+const LAST_REPORT_SEQ_KEY: &[u8] = b"last_report_seq";
 /// The one key of the `desired` tree.
 const CURRENT_KEY: &[u8] = b"current";
 const SNAPSHOT_FILE: &str = "desired.json";
@@ -114,6 +115,7 @@ pub struct Store {
     previous: sled::Tree,
     rollbacks: sled::Tree,
     confirmed: sled::Tree,
+    reports: sled::Tree,
     events: sled::Tree,
     snapshot: PathBuf,
 }
@@ -173,6 +175,7 @@ impl Store {
             previous: db.open_tree("previous")?,
             rollbacks: db.open_tree("rollbacks")?,
             confirmed: db.open_tree("confirmed")?,
+            reports: db.open_tree("reports")?,
             events: db.open_tree("events")?,
             db,
             snapshot,
@@ -340,6 +343,50 @@ impl Store {
 
     pub fn set_rollback(&self, deployment: &str, rollback: &Rollback) -> Result<(), StoreError> {
         self.rollbacks.insert(deployment.as_bytes(), encode(rollback))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Queues a report for the hub under the next report number, which
+    /// survives restarts; returns the number. Kept until the hub acknowledges it.
+    pub fn push_report(&self, build: impl Fn(u64) -> Vec<u8>) -> Result<u64, StoreError> {
+        let abort = ConflictableTransactionError::Abort;
+        let seq = (&self.meta, &self.reports)
+            .transaction(|(meta, reports)| {
+                let last: u64 = meta
+                    .get(LAST_REPORT_SEQ_KEY)?
+                    .map(|bytes| decode("report number", &bytes))
+                    .transpose()
+                    .map_err(abort)?
+                    .unwrap_or(0);
+                let seq = last + 1;
+                meta.insert(LAST_REPORT_SEQ_KEY, encode(&seq))?;
+                reports.insert(&seq.to_be_bytes()[..], build(seq))?;
+                Ok(seq)
+            })
+            .map_err(transaction_error)?;
+        self.db.flush()?;
+        Ok(seq)
+    }
+
+    /// Queued reports, oldest first, as encoded for the wire.
+    pub fn reports(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.reports
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((u64::from_be_bytes(key.as_ref().try_into().unwrap_or([0; 8])), value.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Drops the queued reports up to and including `seq` (the hub has them).
+    pub fn ack_reports(&self, seq: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for entry in self.reports.range(..=seq.to_be_bytes()) {
+            batch.remove(entry?.0);
+        }
+        self.reports.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
     }
@@ -537,6 +584,21 @@ mod tests {
         let events = store.events_after(0, usize::MAX).unwrap();
         assert_eq!(events.len() as u64, MAX_EVENTS);
         assert_eq!(events[0].seq, 6, "the five oldest were dropped");
+    }
+
+    #[test]
+    fn reports_are_numbered_across_reopen_and_dropped_when_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let (store, _) = Store::open(&path, 1 << 20).unwrap();
+            assert_eq!(store.push_report(|seq| vec![seq as u8]).unwrap(), 1);
+            assert_eq!(store.push_report(|seq| vec![seq as u8]).unwrap(), 2);
+        }
+        let (store, _) = Store::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.push_report(|seq| vec![seq as u8]).unwrap(), 3);
+        store.ack_reports(2).unwrap();
+        assert_eq!(store.reports().unwrap(), vec![(3, vec![3])]);
     }
 
     #[test]

@@ -2,6 +2,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use anyhow::Context;
+use outpost_proto::sync::Topics;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -11,6 +12,7 @@ use crate::daemon::{self, Core};
 use crate::runtime::supervisor::require_root;
 use crate::runtime::Supervisor;
 use crate::store::Store;
+use crate::sync::SyncSettings;
 
 pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
     require_root()?;
@@ -45,7 +47,16 @@ pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
         };
         tracing::info!(device = %config.device_id, "agent running; workloads keep running when it stops");
         let core = Core::new(Arc::new(store), supervisor, config.insecure_registries.clone());
-        daemon::run(core, listener, config.reconcile_interval, shutdown).await;
+        let hub = (!config.hub.is_empty()).then(|| SyncSettings {
+            hub: config.hub.clone(),
+            device_id: config.device_id.clone(),
+            token: config.hub_token.clone(),
+            topics: Topics::new(&config.topic_prefix),
+            encoding: config.encoding,
+            keep_alive: config.keep_alive,
+            report_interval: config.report_interval,
+        });
+        daemon::run(core, listener, config.reconcile_interval, hub, shutdown).await;
         let _ = std::fs::remove_file(&socket);
         Ok(())
     })

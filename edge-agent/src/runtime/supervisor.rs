@@ -76,6 +76,7 @@ pub struct WorkloadInfo {
     pub status: Option<WorkloadStatus>,
 }
 
+#[derive(Clone)]
 pub struct Supervisor {
     paths: Paths,
     settings: RuntimeSettings,

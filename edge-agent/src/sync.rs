@@ -1,0 +1,374 @@
+//! The agent's link to its hub: the only module that knows rumqttc.
+//!
+//! rumqttc forgets unacknowledged messages when the process restarts or the
+//! broker drops the session, so the outbox lives in the store: reports and
+//! events stay there until the hub's `Ack` (published after the hub stored
+//! them) covers them, and everything not yet covered is sent again after each
+//! reconnect. The hub drops duplicates by sequence number, so each report and
+//! event counts once. A desired state is acknowledged by the reports'
+//! `generation` only after it is stored and flushed.
+//!
+//! Nothing here can stop a workload: without a link the device runs its last
+//! desired state, and the link comes back on its own, with exponential
+//! backoff and jitter.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_proto::sync::{
+    decode, encode, Ack, Channel, Command, CommandMessage, DesiredMessage, Encoding, EventBatch, Presence, Report,
+    Topics, WorkloadReport, PROTOCOL_VERSION,
+};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::Notify;
+
+use crate::daemon;
+use crate::runtime::Supervisor;
+use crate::store::Store;
+
+/// Events per message when the outbox is sent again.
+const EVENTS_PER_BATCH: usize = 100;
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    /// `mqtt://host:port`.
+    pub hub: String,
+    pub device_id: String,
+    pub token: String,
+    pub topics: Topics,
+    pub encoding: Encoding,
+    pub keep_alive: Duration,
+    pub report_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("hub address {0:?} is not valid: write mqtt://host:port")]
+pub struct BadHubAddress(String);
+
+fn host_port(url: &str) -> Result<(String, u16), BadHubAddress> {
+    let rest = url.strip_prefix("mqtt://").ok_or_else(|| BadHubAddress(url.to_string()))?;
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => {
+            Ok((host.trim_matches(['[', ']']).to_string(), port.parse().map_err(|_| BadHubAddress(url.to_string()))?))
+        }
+        None if !rest.is_empty() => Ok((rest.to_string(), 1883)),
+        _ => Err(BadHubAddress(url.to_string())),
+    }
+}
+
+/// Runs the link until the task is dropped.
+pub async fn run(
+    settings: SyncSettings,
+    store: Arc<Store>,
+    supervisor: Supervisor,
+    kick: Arc<Notify>,
+) -> Result<(), BadHubAddress> {
+    let (host, port) = host_port(&settings.hub)?;
+    let topic = |channel| settings.topics.topic(&settings.device_id, channel);
+    let mut options = MqttOptions::new(&settings.device_id, host, port);
+    options
+        .set_keep_alive(settings.keep_alive)
+        .set_clean_session(false)
+        .set_credentials(&settings.device_id, &settings.token)
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_last_will(LastWill::new(
+            topic(Channel::Presence),
+            encode(settings.encoding, &Presence { v: PROTOCOL_VERSION, online: false }),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    let (client, mut events) = AsyncClient::new(options, 256);
+    let mut link = Link { settings: &settings, store, supervisor, kick, client, sent_events: 0, last_view: None };
+    let mut backoff = Duration::from_secs(1);
+    let mut tick = tokio::time::interval(settings.report_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = events.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_secs(1);
+                    tracing::info!(hub = %settings.hub, "connected to the hub");
+                    link.on_connect().await;
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => link.on_publish(&publish.topic, &publish.payload).await,
+                Ok(_) => {}
+                Err(e) => {
+                    let wait = backoff + jitter(backoff);
+                    tracing::warn!(hub = %settings.hub, "hub unreachable ({e}); trying again in {:.1}s", wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            },
+            _ = tick.tick() => link.report().await,
+        }
+    }
+}
+
+/// Up to a quarter of `base`, so that a site's devices do not all reconnect at once.
+fn jitter(base: Duration) -> Duration {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+}
+
+struct Link<'a> {
+    settings: &'a SyncSettings,
+    store: Arc<Store>,
+    supervisor: Supervisor,
+    kick: Arc<Notify>,
+    client: AsyncClient,
+    /// Highest event number handed to the client since the last connect.
+    sent_events: u64,
+    /// The workloads as last reported; `None` sends a full report next.
+    last_view: Option<ReportedView>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ReportedView {
+    generation: Option<u64>,
+    workloads: BTreeMap<String, WorkloadReport>,
+}
+
+impl Link<'_> {
+    fn topic(&self, channel: Channel) -> String {
+        self.settings.topics.topic(&self.settings.device_id, channel)
+    }
+
+    fn publish(&self, channel: Channel, payload: Vec<u8>, retain: bool) {
+        // try_: the event loop runs in this same task, so waiting for room
+        // could wait forever; what does not fit is in the outbox for next time.
+        if let Err(e) = self.client.try_publish(self.topic(channel), QoS::AtLeastOnce, retain, payload) {
+            tracing::debug!("not sent now, kept for the next connection: {e}");
+        }
+    }
+
+    async fn on_connect(&mut self) {
+        for channel in [Channel::Desired, Channel::Ack, Channel::Command] {
+            if let Err(e) = self.client.try_subscribe(self.topic(channel), QoS::AtLeastOnce) {
+                tracing::warn!("cannot subscribe to {channel:?}: {e}");
+            }
+        }
+        let presence = encode(self.settings.encoding, &Presence { v: PROTOCOL_VERSION, online: true });
+        self.publish(Channel::Presence, presence, true);
+        // Everything the hub has not acknowledged goes again, oldest first.
+        let store = self.store.clone();
+        let reports = blocking(move || store.reports()).await.unwrap_or_default();
+        for (_, payload) in reports {
+            self.publish(Channel::Reported, payload, false);
+        }
+        self.sent_events = 0;
+        self.send_events().await;
+    }
+
+    async fn on_publish(&mut self, topic: &str, payload: &[u8]) {
+        let Some((_, channel)) = self.settings.topics.parse(topic) else { return };
+        match channel {
+            Channel::Desired => match decode::<DesiredMessage>(payload) {
+                Ok(message) => {
+                    let store = self.store.clone();
+                    let generation = message.state.generation;
+                    match blocking(move || Ok::<_, String>(daemon::apply(&store, &message.state))).await {
+                        Some(Ok(true)) => {
+                            tracing::info!(generation, "desired state from the hub stored");
+                            self.kick.notify_one();
+                        }
+                        Some(Ok(false)) => {}
+                        Some(Err(e)) => tracing::warn!(generation, "desired state from the hub refused: {e}"),
+                        None => {}
+                    }
+                }
+                Err(e) => tracing::warn!("dropped a desired state that does not decode: {e}"),
+            },
+            Channel::Ack => match decode::<Ack>(payload) {
+                Ok(ack) => {
+                    let store = self.store.clone();
+                    blocking(move || store.ack_events(ack.events).and_then(|_| store.ack_reports(ack.reports))).await;
+                }
+                Err(e) => tracing::warn!("dropped an ack that does not decode: {e}"),
+            },
+            Channel::Command => match decode::<CommandMessage>(payload) {
+                Ok(message) => self.on_command(message.command).await,
+                Err(e) => tracing::warn!("dropped a command that does not decode: {e}"),
+            },
+            Channel::Reported | Channel::Events | Channel::Presence => {}
+        }
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        match command {
+            Command::FullReport => self.last_view = None,
+            Command::RestartWorkload { name } => {
+                // Stopped, the reconciler starts it again on its next pass.
+                let supervisor = self.supervisor.clone();
+                let stopped = blocking(move || {
+                    Ok::<_, crate::runtime::RuntimeError>(supervisor.resolve(&name).and_then(|i| supervisor.stop(&i)))
+                })
+                .await;
+                if let Some(Err(e)) = stopped {
+                    tracing::warn!("restart command: {e}");
+                }
+                self.kick.notify_one();
+            }
+            Command::SendLogs { name, .. } => {
+                tracing::warn!(workload = %name, "the hub asked for logs; this agent cannot send them yet");
+            }
+        }
+    }
+
+    /// Sends a report when something changed, and any new events.
+    async fn report(&mut self) {
+        let supervisor = self.supervisor.clone();
+        let store = self.store.clone();
+        let Some(view) = blocking(move || {
+            let generation = store.desired()?.map(|d| d.generation);
+            Ok::<_, crate::store::StoreError>(ReportedView { generation, workloads: current_workloads(&supervisor) })
+        })
+        .await
+        else {
+            return;
+        };
+        if self.last_view.as_ref() != Some(&view) {
+            let report = diff(self.last_view.as_ref(), &view, 0);
+            let encoding = self.settings.encoding;
+            let (store, queued) = (self.store.clone(), report.clone());
+            let seq =
+                blocking(move || store.push_report(|seq| encode(encoding, &Report { seq, ..queued.clone() }))).await;
+            if let Some(seq) = seq {
+                self.publish(Channel::Reported, encode(encoding, &Report { seq, ..report }), false);
+                self.last_view = Some(view);
+            }
+        }
+        self.send_events().await;
+    }
+
+    async fn send_events(&mut self) {
+        let store = self.store.clone();
+        let after = self.sent_events;
+        let Some(events) = blocking(move || store.events_after(after, EVENTS_PER_BATCH * 10)).await else { return };
+        for batch in events.chunks(EVENTS_PER_BATCH) {
+            let message = EventBatch { v: PROTOCOL_VERSION, events: batch.to_vec() };
+            self.publish(Channel::Events, encode(self.settings.encoding, &message), false);
+            self.sent_events = batch.last().map(|e| e.seq).unwrap_or(self.sent_events);
+        }
+    }
+}
+
+/// The report that takes the hub from `last` to `now`: full when there is no `last`.
+fn diff(last: Option<&ReportedView>, now: &ReportedView, seq: u64) -> Report {
+    let mut report = Report {
+        v: PROTOCOL_VERSION,
+        seq,
+        full: last.is_none(),
+        generation: now.generation,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        workloads: Vec::new(),
+        removed: Vec::new(),
+    };
+    match last {
+        None => report.workloads = now.workloads.values().cloned().collect(),
+        Some(last) => {
+            report.workloads = now
+                .workloads
+                .iter()
+                .filter(|(name, w)| last.workloads.get(*name) != Some(w))
+                .map(|(_, w)| w.clone())
+                .collect();
+            report.removed = last.workloads.keys().filter(|name| !now.workloads.contains_key(*name)).cloned().collect();
+            report.agent_version.clear();
+        }
+    }
+    report
+}
+
+fn current_workloads(supervisor: &Supervisor) -> BTreeMap<String, WorkloadReport> {
+    supervisor
+        .list()
+        .into_iter()
+        .map(|w| {
+            let status = w.status.as_ref();
+            let health = status
+                .and_then(|s| serde_json::to_value(s.health).ok())
+                .and_then(|v| v.as_str().map(String::from))
+                .filter(|h| h != "none");
+            let report = WorkloadReport {
+                name: w.name.clone(),
+                deployment: w.deployment.as_ref().map(|d| d.name.clone()),
+                revision: w.deployment.as_ref().map(|d| d.revision),
+                state: w.state.clone(),
+                health,
+                restarts: status.map(|s| s.restarts).unwrap_or(0),
+                last_exit: status.and_then(|s| s.last_exit.as_ref()).map(|e| e.describe()),
+            };
+            (w.instance, report)
+        })
+        .collect()
+}
+
+/// Runs store and supervisor work off the async threads; logs and drops errors.
+async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Option<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            tracing::error!("{e}");
+            None
+        }
+        Err(e) => {
+            tracing::error!("a blocking task failed: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, state: &str) -> WorkloadReport {
+        WorkloadReport {
+            name: name.into(),
+            deployment: Some("app".into()),
+            revision: Some(1),
+            state: state.into(),
+            health: None,
+            restarts: 0,
+            last_exit: None,
+        }
+    }
+
+    fn view(workloads: &[(&str, &str)]) -> ReportedView {
+        ReportedView {
+            generation: Some(3),
+            workloads: workloads.iter().map(|(n, s)| (n.to_string(), workload(n, s))).collect(),
+        }
+    }
+
+    #[test]
+    fn first_report_is_full_and_later_ones_carry_only_the_changes() {
+        let first = view(&[("a", "running"), ("b", "running")]);
+        let full = diff(None, &first, 1);
+        assert!(full.full);
+        assert_eq!(full.workloads.len(), 2);
+
+        let second = view(&[("a", "backoff"), ("c", "running")]);
+        let delta = diff(Some(&first), &second, 2);
+        assert!(!delta.full);
+        let names: Vec<&str> = delta.workloads.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(delta.removed, ["b"]);
+        assert!(delta.agent_version.is_empty(), "the version goes with full reports only");
+    }
+
+    #[test]
+    fn hub_addresses_parse_with_or_without_a_port() {
+        assert_eq!(host_port("mqtt://hub.local:1884").unwrap(), ("hub.local".into(), 1884));
+        assert_eq!(host_port("mqtt://hub.local").unwrap(), ("hub.local".into(), 1883));
+        assert_eq!(host_port("mqtt://[::1]:1883").unwrap(), ("::1".into(), 1883));
+        assert!(host_port("http://hub.local").is_err());
+        assert!(host_port("mqtt://hub:port").is_err());
+    }
+}
