@@ -1,6 +1,7 @@
-//! A TCP proxy that breaks connections on demand, to test downloads that are
-//! cut off: it counts the bytes each way, cuts every connection after a given
-//! number of downstream bytes, and notices HTTP Range requests.
+//! A TCP proxy that breaks connections on demand, like toxiproxy: it counts
+//! the bytes each way (what a metered link would bill), cuts every connection
+//! after a given number of downstream bytes or takes the link down and up, and
+//! notices HTTP Range requests.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,6 +35,8 @@ struct State {
     range_seen: AtomicBool,
     strip_range: AtomicBool,
     cuts: AtomicU64,
+    /// While set, new connections are closed at once: the link is down.
+    down: AtomicBool,
     plan: Mutex<Plan>,
     /// Bumped at each cut; every connection watches it.
     cut: watch::Sender<u64>,
@@ -50,6 +53,7 @@ impl CuttingProxy {
             range_seen: AtomicBool::new(false),
             strip_range: AtomicBool::new(false),
             cuts: AtomicU64::new(0),
+            down: AtomicBool::new(false),
             plan: Mutex::new(Plan::default()),
             cut: watch::channel(0).0,
         });
@@ -74,6 +78,16 @@ impl CuttingProxy {
     /// Cuts every connection each time `bytes` more bytes have gone downstream.
     pub fn cut_every(&self, bytes: u64) {
         *self.state.plan.lock().expect("proxy plan") = Plan { remaining: Some(bytes), every: Some(bytes) };
+    }
+
+    /// Takes the link down (every connection cut, new ones closed at once)
+    /// or brings it back up.
+    pub fn set_link_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+        if down {
+            self.state.cuts.fetch_add(1, Ordering::SeqCst);
+            self.state.cut.send_modify(|g| *g += 1);
+        }
     }
 
     /// Renames the `Range:` header of requests from now on, so the upstream
@@ -115,6 +129,9 @@ impl Drop for CuttingProxy {
 async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: Arc<State>) {
     while let Ok((client, _)) = listener.accept().await {
         let state = state.clone();
+        if state.down.load(Ordering::SeqCst) {
+            continue;
+        }
         tokio::spawn(async move {
             // An unreachable upstream looks to the client like a closed connection.
             if let Ok(server) = TcpStream::connect(upstream).await {
