@@ -83,6 +83,18 @@ pub enum Action {
     Start(String),
 }
 
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Remove(instance) => write!(f, "remove {instance}"),
+            Action::Create(w) => {
+                write!(f, "create {} ({} revision {})", w.spec.name, w.deployment.name, w.deployment.revision)
+            }
+            Action::Start(instance) => write!(f, "start {instance}"),
+        }
+    }
+}
+
 pub fn plan(wanted: &[Wanted], actual: &[Actual]) -> Vec<Action> {
     let mut actions = Vec::new();
     for w in wanted {
@@ -139,7 +151,7 @@ impl Reconciler<'_> {
             .map(|action| {
                 let result = self.execute(&action);
                 if let Err(e) = &result {
-                    tracing::warn!(?action, "reconcile: {e}");
+                    tracing::warn!("{action}: {e}");
                 }
                 Outcome { action, result }
             })
