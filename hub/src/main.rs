@@ -1,14 +1,15 @@
-//! The hub binary. Its broker, registry and API arrive with issue 4 (sync);
-//! until then it only answers `--version` and `--help`.
+//! The hub binary: thin over the library, one file per subcommand in cli/.
 
 use clap::Parser;
 
-#[derive(Parser)]
-#[command(version, about = "Outpost hub: one binary per site or cloud (broker, registry, rollouts)")]
-struct Cli {}
-
 fn main() {
-    Cli::parse();
-    eprintln!("hub: nothing to serve yet; the broker and registry arrive with the sync issue (4)");
-    std::process::exit(2);
+    // A command whose output is piped into `head` should end quietly when
+    // the reader goes, not panic on a failed print.
+    // SAFETY: setting a default disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = hub::cli::Cli::parse();
+    if let Err(e) = hub::cli::run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

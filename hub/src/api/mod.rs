@@ -1,0 +1,112 @@
+//! The HTTP API for operators (axum): JSON in and out, described in
+//! docs/hub-api.md. Every error is a status and `{ "error": "..." }` that
+//! says what is wrong.
+
+mod desired;
+mod devices;
+mod events;
+
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+pub use devices::DeviceView;
+
+use crate::registry::{valid_device_id, DesiredError, LabelsError};
+use crate::store::{Store, StoreError};
+use crate::sync::Publisher;
+
+#[derive(Clone)]
+struct AppState {
+    store: Store,
+    publisher: Publisher,
+}
+
+pub(crate) fn router(store: Store, publisher: Publisher) -> Router {
+    Router::new()
+        .route("/v1/devices", get(devices::list))
+        .route("/v1/devices/{id}", get(devices::show))
+        .route("/v1/devices/{id}/labels", axum::routing::put(devices::put_labels))
+        .route("/v1/devices/{id}/desired", get(desired::get).put(desired::put))
+        .route("/v1/devices/{id}/events", get(events::list))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(AppState { store, publisher })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    WrongMethod(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::WrongMethod(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Store(e) => {
+                tracing::error!("API request failed: {e}");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        (status, Json(ErrorBody { error: self.to_string() })).into_response()
+    }
+}
+
+impl From<DesiredError> for ApiError {
+    fn from(e: DesiredError) -> Self {
+        match e {
+            DesiredError::InvalidId(_) | DesiredError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+            DesiredError::NotNewer { .. } => ApiError::Conflict(e.to_string()),
+            DesiredError::Store(e) => ApiError::Store(e),
+        }
+    }
+}
+
+impl From<LabelsError> for ApiError {
+    fn from(e: LabelsError) -> Self {
+        match e {
+            LabelsError::InvalidId(_) | LabelsError::InvalidKey(_) => ApiError::BadRequest(e.to_string()),
+            LabelsError::Store(e) => ApiError::Store(e),
+        }
+    }
+}
+
+/// Refuses an id that no device can have, before looking it up.
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if valid_device_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!("device id {id:?} is not valid: use letters, digits, `.`, `_` and `-`")))
+    }
+}
+
+fn no_device(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no device {id:?}: it has not connected, and has no labels or desired state"))
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no endpoint {method} {}: see docs/hub-api.md", uri.path()))
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::WrongMethod(format!("{method} is not allowed on {}: see docs/hub-api.md", uri.path()))
+}

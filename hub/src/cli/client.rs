@@ -1,0 +1,90 @@
+//! The operator commands' client of the hub's HTTP API.
+
+use std::collections::BTreeMap;
+
+use outpost_proto::DesiredState;
+use reqwest::{RequestBuilder, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::api::DeviceView;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the hub at {url}: {source}")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("the hub answered {status}: {message}")]
+    Api { status: StatusCode, message: String },
+    #[error("cannot read the hub's answer: {0}")]
+    Answer(reqwest::Error),
+}
+
+pub struct ApiClient {
+    base: Url,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+impl ApiClient {
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        let base = Url::parse(base).map_err(|e| anyhow::anyhow!("--hub-url {base:?} is not a URL: {e}"))?;
+        if base.cannot_be_a_base() {
+            anyhow::bail!("--hub-url {base} cannot take a path");
+        }
+        Ok(Self { base, http: reqwest::Client::new() })
+    }
+
+    /// `base/v1/devices/...`, each segment escaped.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut().expect("checked in new").pop_if_empty().push("v1").push("devices").extend(segments);
+        url
+    }
+
+    async fn send<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T, ClientError> {
+        let url = self.base.to_string();
+        let response = request.send().await.map_err(|source| ClientError::Unreachable { url, source })?;
+        let status = response.status();
+        if !status.is_success() {
+            let message = match response.json::<ErrorBody>().await {
+                Ok(body) => body.error,
+                Err(_) => "(no error message)".into(),
+            };
+            return Err(ClientError::Api { status, message });
+        }
+        response.json().await.map_err(ClientError::Answer)
+    }
+
+    pub async fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {
+        self.send(self.http.get(self.url(&[]))).await
+    }
+
+    pub async fn device(&self, id: &str) -> Result<DeviceView, ClientError> {
+        self.send(self.http.get(self.url(&[id]))).await
+    }
+
+    /// None when the hub has no such device.
+    pub async fn find_device(&self, id: &str) -> Result<Option<DeviceView>, ClientError> {
+        match self.device(id).await {
+            Ok(device) => Ok(Some(device)),
+            Err(ClientError::Api { status: StatusCode::NOT_FOUND, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn desired(&self, id: &str) -> Result<DesiredState, ClientError> {
+        self.send(self.http.get(self.url(&[id, "desired"]))).await
+    }
+
+    pub async fn put_desired(&self, id: &str, state: &DesiredState) -> Result<DesiredState, ClientError> {
+        self.send(self.http.put(self.url(&[id, "desired"])).json(state)).await
+    }
+
+    pub async fn put_labels(&self, id: &str, labels: &BTreeMap<String, String>) -> Result<DeviceView, ClientError> {
+        self.send(self.http.put(self.url(&[id, "labels"])).json(labels)).await
+    }
+}

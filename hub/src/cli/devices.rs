@@ -1,0 +1,96 @@
+//! `hub devices`: the fleet as a table, or JSON.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::client::ApiClient;
+use crate::api::DeviceView;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(client: &ApiClient, args: Args) -> anyhow::Result<()> {
+    let devices = client.devices().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&devices)?);
+    } else {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        print!("{}", table(&devices, now));
+    }
+    Ok(())
+}
+
+fn table(devices: &[DeviceView], now: u64) -> String {
+    let header = ["ID", "ONLINE", "GENERATION", "WORKLOADS", "LAST SEEN", "LABELS"].map(String::from);
+    let rows: Vec<[String; 6]> = devices.iter().map(|d| row(d, now)).collect();
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row.iter().zip(widths).map(|(cell, w)| format!("{cell:w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn row(d: &DeviceView, now: u64) -> [String; 6] {
+    let number = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
+    let running = d.workloads.iter().filter(|w| w.state == "running").count();
+    let mut workloads = format!("{running}/{} running", d.workloads.len());
+    if d.stale {
+        workloads.push_str(" (stale)");
+    }
+    let last_seen = match d.last_seen {
+        Some(at) => {
+            let ago = Duration::from_secs(now.saturating_sub(at) / 1000);
+            format!("{} ago", humantime::format_duration(ago))
+        }
+        None => "never".into(),
+    };
+    let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    [
+        d.id.clone(),
+        if d.online { "yes" } else { "no" }.into(),
+        format!("{}/{}", number(d.generation), number(d.desired_generation)),
+        workloads,
+        last_seen,
+        labels.join(","),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_aligns_columns_and_shows_reported_over_desired_generation() {
+        let device = DeviceView {
+            id: "pump-3".into(),
+            labels: [("site".to_string(), "north".to_string())].into(),
+            agent_version: "0.1.0".into(),
+            first_seen: Some(0),
+            last_seen: Some(1_000),
+            online: true,
+            generation: Some(4),
+            desired_generation: Some(5),
+            report_seq: 9,
+            event_seq: 3,
+            stale: true,
+            workloads: vec![],
+        };
+        let never = DeviceView { id: "new".into(), last_seen: None, generation: None, online: false, ..device.clone() };
+        let text = table(&[device, never], 61_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "ID      ONLINE  GENERATION  WORKLOADS            LAST SEEN  LABELS");
+        assert_eq!(lines[1], "pump-3  yes     4/5         0/0 running (stale)  1m ago     site=north");
+        assert_eq!(lines[2], "new     no      -/5         0/0 running (stale)  never      site=north");
+    }
+}

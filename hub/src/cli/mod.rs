@@ -1,0 +1,61 @@
+//! Subcommands, one file each: `serve`, `config`, and the operator commands
+//! that talk to a running hub over its HTTP API. `anyhow` lives here, at the
+//! edge; the library's errors are typed.
+
+mod client;
+mod config;
+mod devices;
+mod label;
+mod serve;
+mod set_desired;
+mod watch;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use client::ApiClient;
+
+#[derive(Parser)]
+#[command(name = "hub", version, about = "Outpost hub: MQTT broker, device registry and desired states for a fleet")]
+pub struct Cli {
+    /// The hub's HTTP API, for the operator commands.
+    #[arg(long, global = true, env = "OUTPOST_HUB_URL", default_value = "http://127.0.0.1:8080")]
+    pub hub_url: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the hub: broker, registry, HTTP API.
+    Serve(serve::Args),
+    /// The configuration file.
+    #[command(subcommand)]
+    Config(config::Command),
+    /// List the devices.
+    Devices(devices::Args),
+    /// Set or remove a device's labels.
+    Label(label::Args),
+    /// Set a device's desired state from a file (TOML or JSON).
+    SetDesired(set_desired::Args),
+    /// Follow a device until it runs its desired state.
+    Watch(watch::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Config(command) => config::run(command),
+            Command::Devices(args) => devices::run(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Label(args) => label::run(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::SetDesired(args) => set_desired::run(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Watch(args) => watch::run(&ApiClient::new(&cli.hub_url)?, args).await,
+        }
+    })
+}

@@ -1,0 +1,177 @@
+//! The hub's configuration: a TOML file in which every key is optional. The
+//! defaults are `default-config.toml`, embedded here and printed by
+//! `hub config default`, so an operator starts from a working, commented file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use outpost_proto::sync::{Encoding, Topics};
+use serde::Deserialize;
+
+use crate::registry::valid_device_id;
+use crate::sync::HUB_CLIENT_ID;
+
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub http: SocketAddr,
+    pub broker: BrokerSetting,
+    pub mqtt_listen: SocketAddr,
+    pub broker_username: String,
+    pub broker_password: String,
+    pub topic_prefix: String,
+    pub encoding: Encoding,
+    pub allow_unknown_devices: bool,
+    /// Device id -> token.
+    pub devices: BTreeMap<String, String>,
+}
+
+/// The `broker` key: the hub's own broker, or one it connects to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum BrokerSetting {
+    Embedded,
+    External { host: String, port: u16 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path:?}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot parse the configuration: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Default for Config {
+    /// The same values as `default-config.toml` (a test keeps them equal).
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/outpost-hub"),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            broker: BrokerSetting::Embedded,
+            mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            broker_username: String::new(),
+            broker_password: String::new(),
+            topic_prefix: Topics::DEFAULT_PREFIX.to_string(),
+            encoding: Encoding::Cbor,
+            allow_unknown_devices: false,
+            devices: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let prefix = self.topic_prefix.trim_matches('/');
+        if prefix.is_empty() || prefix.contains(['+', '#']) {
+            return invalid(format!("topic-prefix {:?} must be non-empty, without `+` or `#`", self.topic_prefix));
+        }
+        for (id, token) in &self.devices {
+            if !valid_device_id(id) {
+                return invalid(format!("device id {id:?} is not valid: use letters, digits, `.`, `_` and `-`"));
+            }
+            if id == HUB_CLIENT_ID {
+                return invalid(format!("device id {id:?} is the hub's own MQTT client id: choose another"));
+            }
+            if token.is_empty() {
+                return invalid(format!("device {id:?} has an empty token"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TryFrom<String> for BrokerSetting {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        if text == "embedded" {
+            return Ok(Self::Embedded);
+        }
+        if text.starts_with("mqtts://") {
+            return Err(format!("broker {text:?}: TLS to an external broker is not supported yet, use mqtt://"));
+        }
+        let wrong = || format!("broker must be \"embedded\" or \"mqtt://host:port\", not {text:?}");
+        let address = text.strip_prefix("mqtt://").ok_or_else(wrong)?.trim_end_matches('/');
+        // `host`, `host:port`, `[v6]` or `[v6]:port`.
+        let (host, port) = match address.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => (host, port.parse().map_err(|_| wrong())?),
+            _ => (address, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains(['/', '@']) {
+            return Err(wrong());
+        }
+        Ok(Self::External { host: host.to_string(), port })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_file_is_the_default_config() {
+        assert_eq!(Config::parse(DEFAULT_CONFIG).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn a_partial_file_takes_defaults_for_the_rest() {
+        let config = Config::parse(
+            "data-dir = \"/tmp/hub\"\nencoding = \"json\"\n[devices]\npump-3 = \"secret\"\n\"Pi_4.b\" = \"t\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/hub"));
+        assert_eq!(config.encoding, Encoding::Json);
+        assert_eq!(config.devices.get("pump-3").map(String::as_str), Some("secret"));
+        assert_eq!(config.broker, BrokerSetting::Embedded);
+    }
+
+    #[test]
+    fn broker_urls_parse_with_a_default_port() {
+        let parse = |s: &str| BrokerSetting::try_from(s.to_string());
+        assert_eq!(
+            parse("mqtt://broker.local:8883").unwrap(),
+            BrokerSetting::External { host: "broker.local".into(), port: 8883 }
+        );
+        assert_eq!(parse("mqtt://10.0.0.2").unwrap(), BrokerSetting::External { host: "10.0.0.2".into(), port: 1883 });
+        assert_eq!(parse("mqtt://[::1]:1884").unwrap(), BrokerSetting::External { host: "::1".into(), port: 1884 });
+        assert!(parse("mqtts://x:1").unwrap_err().contains("TLS"));
+        assert!(parse("http://x:1").unwrap_err().contains("mqtt://host:port"));
+        assert!(parse("mqtt://x:port").is_err());
+        assert!(parse("mqtt://user@x:1").is_err());
+    }
+
+    #[test]
+    fn invalid_devices_and_unknown_keys_are_refused_naming_them() {
+        let err = Config::parse("[devices]\n\"a/b\" = \"t\"\n").unwrap_err().to_string();
+        assert!(err.contains("\"a/b\""), "{err}");
+        let err = Config::parse("[devices]\noutpost-hub = \"t\"\n").unwrap_err().to_string();
+        assert!(err.contains("hub's own"), "{err}");
+        let err = Config::parse("[devices]\npump = \"\"\n").unwrap_err().to_string();
+        assert!(err.contains("empty token"), "{err}");
+        let err = Config::parse("http-listen = \"1.2.3.4:5\"\n").unwrap_err().to_string();
+        assert!(err.contains("http-listen"), "{err}");
+        let err = Config::parse("topic-prefix = \"a/#\"\n").unwrap_err().to_string();
+        assert!(err.contains("topic-prefix"), "{err}");
+    }
+}

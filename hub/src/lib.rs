@@ -1,0 +1,152 @@
+//! Outpost's hub: an MQTT broker (embedded, or an external one), the device
+//! registry and desired states in its own store, and an HTTP API for
+//! operators. The protocol with devices is `outpost_proto::sync`.
+//!
+//! A server is `run(config, http_listener, shutdown)`: tests bind
+//! 127.0.0.1:0 and start it in-process. `Hub::start` then `Hub::serve` do
+//! the same in two steps, for a caller that needs the broker's address.
+
+pub mod api;
+mod broker;
+pub mod cli;
+pub mod config;
+mod registry;
+mod store;
+mod sync;
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use outpost_proto::sync::{Channel, Topics};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+pub use config::{BrokerSetting, Config};
+
+use broker::EmbeddedBroker;
+use store::Store;
+
+/// A started hub: its store is open and its embedded broker (if any) listens.
+pub struct Hub {
+    config: Config,
+    store: Store,
+    broker: Option<(EmbeddedBroker, String)>,
+    hub_subscribed: Arc<AtomicBool>,
+}
+
+pub async fn run(config: Config, http_listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    Hub::start(config)?.serve(http_listener, shutdown).await
+}
+
+impl Hub {
+    pub fn start(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create the data directory {:?}", config.data_dir))?;
+        let store = Store::open(&config.data_dir)
+            .with_context(|| format!("cannot open the hub's store in {:?}", config.data_dir))?;
+        let hub_subscribed = Arc::new(AtomicBool::new(false));
+        let broker = match config.broker {
+            BrokerSetting::External { .. } => None,
+            BrokerSetting::Embedded => {
+                // A fresh broker: no device is connected to it yet.
+                registry::mark_all_offline(&store)?;
+                let hub_token = random_token()?;
+                let topics = Topics::new(&config.topic_prefix);
+                let filters = |channels: [Channel; 3]| channels.iter().map(|&c| topics.all(c)).collect();
+                let broker = EmbeddedBroker::start(broker::Settings {
+                    listen: config.mqtt_listen,
+                    fleet_filters: filters([Channel::Reported, Channel::Events, Channel::Presence]),
+                    device_filters: filters([Channel::Desired, Channel::Ack, Channel::Command]),
+                    auth: broker::Auth {
+                        devices: config.devices.clone(),
+                        allow_unknown_devices: config.allow_unknown_devices,
+                        hub_user: sync::HUB_CLIENT_ID.to_string(),
+                        hub_token: hub_token.clone(),
+                        hub_subscribed: hub_subscribed.clone(),
+                    },
+                })?;
+                info!("embedded MQTT broker listening on {}", broker.addr());
+                Some((broker, hub_token))
+            }
+        };
+        Ok(Self { config, store, broker, hub_subscribed })
+    }
+
+    /// Where the embedded broker listens, if the hub runs one.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().map(|(broker, _)| broker.addr())
+    }
+
+    /// Serves the HTTP API and syncs with devices until `shutdown` completes
+    /// (or the embedded broker stops), then stops every task and closes the store.
+    pub async fn serve(self, http_listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let (host, port, username, password, broker_stopped) = match (self.broker, &self.config.broker) {
+            (Some((broker, token)), _) => {
+                let addr = broker.local_addr();
+                (addr.ip().to_string(), addr.port(), sync::HUB_CLIENT_ID.to_string(), token, Some(broker.stopped))
+            }
+            (None, BrokerSetting::External { host, port }) => {
+                info!("using the MQTT broker at {host}:{port}");
+                let c = &self.config;
+                (host.clone(), *port, c.broker_username.clone(), c.broker_password.clone(), None)
+            }
+            (None, BrokerSetting::Embedded) => unreachable!("`start` starts the embedded broker"),
+        };
+        let settings = sync::Settings {
+            host,
+            port,
+            username,
+            password,
+            topics: Topics::new(&self.config.topic_prefix),
+            encoding: self.config.encoding,
+        };
+        let (stop, stopping) = watch::channel(false);
+        let (publisher, sync_tasks) =
+            sync::start(settings, self.store.clone(), self.hub_subscribed.clone(), stopping.clone());
+
+        info!("HTTP API listening on {}", http_listener.local_addr()?);
+        let app = api::router(self.store.clone(), publisher);
+        let mut http_stopping = stopping.clone();
+        let http = tokio::spawn(
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stopping.wait_for(|stop| *stop).await;
+                })
+                .into_future(),
+        );
+
+        let broker_stopped = async {
+            match broker_stopped {
+                Some(stopped) => stopped.await.unwrap_or_else(|_| "the embedded MQTT broker's thread ended".into()),
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            _ = shutdown => {
+                info!("shutting down");
+                Ok(())
+            }
+            why = broker_stopped => Err(anyhow::anyhow!(why)),
+        };
+        let _ = stop.send(true);
+        let served = http.await.context("the HTTP server task failed")?;
+        sync_tasks.join().await;
+        served.context("the HTTP server failed")?;
+        outcome
+    }
+}
+
+/// The hub's own password at its embedded broker, new at every start.
+fn random_token() -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 24];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system's random number generator failed"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

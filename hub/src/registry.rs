@@ -1,0 +1,346 @@
+//! What the hub does with what devices send and operators set: plain
+//! functions over the store, so each rule is tested without a broker.
+
+use std::collections::BTreeMap;
+
+use outpost_proto::desired::DesiredStateError;
+use outpost_proto::sync::{Ack, EventBatch, Presence, Report, PROTOCOL_VERSION};
+use outpost_proto::DesiredState;
+
+use crate::store::{Device, Store, StoreError};
+
+/// While a view is stale, a further gap asks again for a full report only
+/// after this long: the first request may have been lost, but a burst of
+/// deltas re-sent after a reconnect must not become a burst of requests.
+pub const FULL_REPORT_RETRY_MS: u64 = 30_000;
+
+/// Letters, digits, `.`, `_`, `-`: safe in a topic level, a store key and a URL path.
+pub fn valid_device_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// The view follows the report.
+    Applied,
+    /// Already applied (sequence number not above the last one): dropped.
+    Duplicate,
+    /// A delta that does not follow the view (a gap, or no full report yet):
+    /// not applied, the view is marked stale. With a command id: send the
+    /// device a full-report command with it.
+    Gap { full_report_command: Option<u64> },
+}
+
+/// Applies a device's report to its view, by the sequence-number rules of
+/// the protocol (docs/protocol.md).
+pub fn apply_report(store: &Store, id: &str, report: &Report, now: u64) -> Result<ReportOutcome, StoreError> {
+    store.update_device(id, |device| {
+        seen(device, now);
+        if device.report_seq > 0 && report.seq <= device.report_seq {
+            return ReportOutcome::Duplicate;
+        }
+        let follows = device.report_seq > 0 && !device.stale && report.seq == device.report_seq + 1;
+        if !report.full && !follows {
+            device.stale = true;
+            let asked_recently =
+                device.full_report_requested_at.is_some_and(|at| now.saturating_sub(at) < FULL_REPORT_RETRY_MS);
+            if asked_recently {
+                return ReportOutcome::Gap { full_report_command: None };
+            }
+            device.full_report_requested_at = Some(now);
+            device.command_id += 1;
+            return ReportOutcome::Gap { full_report_command: Some(device.command_id) };
+        }
+        if report.full {
+            device.workloads.clear();
+            device.stale = false;
+            device.full_report_requested_at = None;
+        }
+        for workload in &report.workloads {
+            device.workloads.insert(workload.name.clone(), workload.clone());
+        }
+        for name in &report.removed {
+            device.workloads.remove(name);
+        }
+        if report.generation.is_some() {
+            device.generation = report.generation;
+        }
+        if !report.agent_version.is_empty() {
+            device.agent_version.clone_from(&report.agent_version);
+        }
+        device.report_seq = report.seq;
+        ReportOutcome::Applied
+    })
+}
+
+/// Stores the events numbered above the last stored one (events arrive in
+/// order, so anything at or below it was stored already); returns how many.
+pub fn store_events(store: &Store, id: &str, batch: &EventBatch, now: u64) -> Result<usize, StoreError> {
+    let last = store.device(id)?.map_or(0, |d| d.event_seq);
+    let mut newest = last;
+    let fresh: Vec<_> = batch
+        .events
+        .iter()
+        .filter(|event| {
+            let fresh = event.seq > newest;
+            newest = newest.max(event.seq);
+            fresh
+        })
+        .cloned()
+        .collect();
+    // Events first: if the hub stops in between, the device sends them
+    // again and storing one twice keeps one copy.
+    store.put_events(id, &fresh)?;
+    store.update_device(id, |device| {
+        seen(device, now);
+        device.event_seq = device.event_seq.max(newest);
+    })?;
+    Ok(fresh.len())
+}
+
+/// Records a device's presence. A retained presence replayed by the broker
+/// (`replayed`) says nothing about when the device was last heard from.
+pub fn set_presence(store: &Store, id: &str, presence: &Presence, replayed: bool, now: u64) -> Result<(), StoreError> {
+    store.update_device(id, |device| {
+        if !replayed {
+            seen(device, now);
+        }
+        device.online = presence.online;
+    })
+}
+
+/// At the start of a hub with its own broker, no device is connected yet.
+pub fn mark_all_offline(store: &Store) -> Result<(), StoreError> {
+    for device in store.devices()? {
+        if device.online {
+            store.update_device(&device.id, |d| d.online = false)?;
+        }
+    }
+    Ok(())
+}
+
+/// What the hub tells a device it has stored.
+pub fn ack(device: &Device) -> Ack {
+    Ack { v: PROTOCOL_VERSION, events: device.event_seq, reports: device.report_seq }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredError {
+    #[error("device id {0:?} is not valid: use letters, digits, `.`, `_` and `-`")]
+    InvalidId(String),
+    #[error(transparent)]
+    Invalid(#[from] DesiredStateError),
+    #[error("generation {given} is not above the stored generation {stored}: every change needs a higher generation")]
+    NotNewer { given: u64, stored: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Validates and stores a device's desired state; its generation must be
+/// above the stored one, as a device never goes back. The device record is
+/// created if the device has not connected yet, so it shows in the registry.
+pub fn set_desired(store: &Store, id: &str, state: &DesiredState) -> Result<(), DesiredError> {
+    if !valid_device_id(id) {
+        return Err(DesiredError::InvalidId(id.to_string()));
+    }
+    state.validate()?;
+    store.replace_desired(id, state, |stored| match stored {
+        Some(stored) if state.generation <= stored.generation => {
+            Err(DesiredError::NotNewer { given: state.generation, stored: stored.generation })
+        }
+        _ => Ok(()),
+    })?;
+    store.update_device(id, |_| ())?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabelsError {
+    #[error("device id {0:?} is not valid: use letters, digits, `.`, `_` and `-`")]
+    InvalidId(String),
+    #[error("label key {0:?} is not valid: use 1 to 63 letters, digits, `.`, `_`, `-` or `/`")]
+    InvalidKey(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Replaces a device's labels; returns its record.
+pub fn set_labels(store: &Store, id: &str, labels: &BTreeMap<String, String>) -> Result<Device, LabelsError> {
+    if !valid_device_id(id) {
+        return Err(LabelsError::InvalidId(id.to_string()));
+    }
+    let valid_key =
+        |k: &str| (1..=63).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+    if let Some(key) = labels.keys().find(|k| !valid_key(k)) {
+        return Err(LabelsError::InvalidKey(key.clone()));
+    }
+    Ok(store.update_device(id, |device| {
+        device.labels.clone_from(labels);
+        device.clone()
+    })?)
+}
+
+fn seen(device: &mut Device, now: u64) {
+    device.first_seen.get_or_insert(now);
+    device.last_seen = Some(now);
+}
+
+#[cfg(test)]
+mod tests {
+    use outpost_proto::sync::WorkloadReport;
+    use outpost_proto::{Event, EventKind};
+
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    fn workload(name: &str, state: &str) -> WorkloadReport {
+        WorkloadReport {
+            name: name.into(),
+            deployment: Some("app".into()),
+            revision: Some(1),
+            state: state.into(),
+            health: None,
+            restarts: 0,
+            last_exit: None,
+        }
+    }
+
+    fn report(seq: u64, full: bool, workloads: &[(&str, &str)], removed: &[&str]) -> Report {
+        Report {
+            v: PROTOCOL_VERSION,
+            seq,
+            full,
+            generation: Some(seq),
+            agent_version: "0.1.0".into(),
+            workloads: workloads.iter().map(|(n, s)| workload(n, s)).collect(),
+            removed: removed.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn view(store: &Store) -> Vec<(String, String)> {
+        let device = store.device("d").unwrap().unwrap();
+        device.workloads.values().map(|w| (w.name.clone(), w.state.clone())).collect()
+    }
+
+    fn events(seqs: &[u64]) -> EventBatch {
+        let events =
+            seqs.iter().map(|&seq| Event { seq, at: 0, kind: EventKind::Applied { generation: seq } }).collect();
+        EventBatch { v: PROTOCOL_VERSION, events }
+    }
+
+    #[test]
+    fn a_full_report_replaces_the_view_and_deltas_follow_it() {
+        let (_dir, store) = store();
+        let full = report(1, true, &[("web", "running"), ("db", "backoff")], &[]);
+        assert_eq!(apply_report(&store, "d", &full, 10).unwrap(), ReportOutcome::Applied);
+        let delta = report(2, false, &[("db", "running"), ("cache", "running")], &["web"]);
+        assert_eq!(apply_report(&store, "d", &delta, 20).unwrap(), ReportOutcome::Applied);
+        assert_eq!(view(&store), [("cache".into(), "running".into()), ("db".into(), "running".into())]);
+        let device = store.device("d").unwrap().unwrap();
+        assert_eq!((device.report_seq, device.generation, device.stale), (2, Some(2), false));
+        assert_eq!((device.first_seen, device.last_seen), (Some(10), Some(20)));
+        assert_eq!(ack(&device), Ack { v: PROTOCOL_VERSION, events: 0, reports: 2 });
+        // A full report drops what it does not list.
+        apply_report(&store, "d", &report(3, true, &[("web", "exited")], &[]), 30).unwrap();
+        assert_eq!(view(&store), [("web".into(), "exited".into())]);
+    }
+
+    #[test]
+    fn a_duplicate_report_is_dropped() {
+        let (_dir, store) = store();
+        apply_report(&store, "d", &report(1, true, &[("web", "running")], &[]), 0).unwrap();
+        apply_report(&store, "d", &report(2, false, &[("web", "exited")], &[]), 0).unwrap();
+        let stale_copy = report(2, false, &[("web", "backoff")], &[]);
+        assert_eq!(apply_report(&store, "d", &stale_copy, 0).unwrap(), ReportOutcome::Duplicate);
+        let old_full = report(1, true, &[], &[]);
+        assert_eq!(apply_report(&store, "d", &old_full, 0).unwrap(), ReportOutcome::Duplicate);
+        assert_eq!(view(&store), [("web".into(), "exited".into())]);
+    }
+
+    #[test]
+    fn a_gap_asks_for_a_full_report_once_and_the_full_report_clears_it() {
+        let (_dir, store) = store();
+        apply_report(&store, "d", &report(1, true, &[("web", "running")], &[]), 0).unwrap();
+        let gap = apply_report(&store, "d", &report(3, false, &[("web", "exited")], &[]), 100).unwrap();
+        assert_eq!(gap, ReportOutcome::Gap { full_report_command: Some(1) });
+        let device = store.device("d").unwrap().unwrap();
+        assert!(device.stale);
+        assert_eq!(device.report_seq, 1, "the delta after the gap is not applied");
+        assert_eq!(view(&store), [("web".into(), "running".into())]);
+        // While stale, even the next delta in sequence is not applied, and
+        // the request is not repeated at once...
+        let next = apply_report(&store, "d", &report(2, false, &[("web", "exited")], &[]), 200).unwrap();
+        assert_eq!(next, ReportOutcome::Gap { full_report_command: None });
+        // ...but it is once the first request may have been lost.
+        let later = apply_report(&store, "d", &report(4, false, &[], &[]), 100 + FULL_REPORT_RETRY_MS).unwrap();
+        assert_eq!(later, ReportOutcome::Gap { full_report_command: Some(2) });
+        let full = report(5, true, &[("web", "backoff")], &[]);
+        assert_eq!(apply_report(&store, "d", &full, 0).unwrap(), ReportOutcome::Applied);
+        let device = store.device("d").unwrap().unwrap();
+        assert_eq!((device.stale, device.report_seq), (false, 5));
+        assert_eq!(view(&store), [("web".into(), "backoff".into())]);
+    }
+
+    #[test]
+    fn a_delta_before_any_full_report_asks_for_one() {
+        let (_dir, store) = store();
+        let outcome = apply_report(&store, "d", &report(1, false, &[("web", "running")], &[]), 0).unwrap();
+        assert_eq!(outcome, ReportOutcome::Gap { full_report_command: Some(1) });
+        assert!(view(&store).is_empty());
+    }
+
+    #[test]
+    fn events_are_stored_once_each() {
+        let (_dir, store) = store();
+        assert_eq!(store_events(&store, "d", &events(&[1, 2, 3]), 0).unwrap(), 3);
+        assert_eq!(store_events(&store, "d", &events(&[2, 3, 4]), 0).unwrap(), 1);
+        assert_eq!(store_events(&store, "d", &events(&[4]), 0).unwrap(), 0);
+        // A device that dropped events (its outbox is bounded) leaves a gap: kept as is.
+        assert_eq!(store_events(&store, "d", &events(&[7, 8]), 0).unwrap(), 2);
+        let seqs: Vec<u64> = store.events("d", 0, 100).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 7, 8]);
+        assert_eq!(ack(&store.device("d").unwrap().unwrap()).events, 8);
+    }
+
+    #[test]
+    fn a_desired_state_needs_a_higher_generation() {
+        let (_dir, store) = store();
+        let state = |generation| DesiredState { version: 1, generation, deployments: vec![] };
+        set_desired(&store, "d", &state(2)).unwrap();
+        let err = set_desired(&store, "d", &state(2)).unwrap_err();
+        assert!(matches!(err, DesiredError::NotNewer { given: 2, stored: 2 }), "{err}");
+        set_desired(&store, "d", &state(3)).unwrap();
+        assert_eq!(store.desired("d").unwrap().unwrap().generation, 3);
+        assert!(store.device("d").unwrap().is_some(), "a device set up before it connects is listed");
+        let err = set_desired(&store, "a/b", &state(1)).unwrap_err();
+        assert!(matches!(err, DesiredError::InvalidId(_)), "{err}");
+        let err = set_desired(&store, "d", &DesiredState { version: 9, ..state(4) }).unwrap_err();
+        assert!(matches!(err, DesiredError::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn presence_replayed_by_the_broker_does_not_count_as_seen() {
+        let (_dir, store) = store();
+        set_presence(&store, "d", &Presence { v: 1, online: true }, true, 5).unwrap();
+        let device = store.device("d").unwrap().unwrap();
+        assert_eq!((device.online, device.last_seen), (true, None));
+        set_presence(&store, "d", &Presence { v: 1, online: true }, false, 6).unwrap();
+        mark_all_offline(&store).unwrap();
+        let device = store.device("d").unwrap().unwrap();
+        assert_eq!((device.online, device.last_seen), (false, Some(6)));
+    }
+
+    #[test]
+    fn labels_are_replaced_and_bad_keys_named() {
+        let (_dir, store) = store();
+        let labels = BTreeMap::from([("site".to_string(), "north".to_string())]);
+        assert_eq!(set_labels(&store, "d", &labels).unwrap().labels, labels);
+        let bad = BTreeMap::from([("".to_string(), "x".to_string())]);
+        assert!(matches!(set_labels(&store, "d", &bad), Err(LabelsError::InvalidKey(k)) if k.is_empty()));
+    }
+}

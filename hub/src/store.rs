@@ -1,0 +1,238 @@
+//! The hub's store, the only module that knows sled: devices, their desired
+//! states and their events. Values are JSON, so an operator can read them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use outpost_proto::sync::WorkloadReport;
+use outpost_proto::{DesiredState, Event};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// sled's default cache is 1 GiB; the hub's working set is far smaller.
+const CACHE_CAPACITY: u64 = 64 << 20;
+
+/// Events kept per device: the newest ones; older ones are deleted as new ones arrive.
+const EVENTS_KEPT: u64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the hub's store failed: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("the hub's store holds a record it cannot read ({what}): {source}")]
+    Corrupt { what: String, source: serde_json::Error },
+}
+
+/// What the hub knows of one device. Times are Unix milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Device {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    /// None until the device first connects (an operator may set its labels
+    /// or desired state before).
+    pub first_seen: Option<u64>,
+    pub last_seen: Option<u64>,
+    pub online: bool,
+    /// The desired-state generation the device reported as stored.
+    pub generation: Option<u64>,
+    /// Highest report sequence number applied; 0 before the first full report.
+    pub report_seq: u64,
+    /// Highest event sequence number stored; 0 before the first event.
+    pub event_seq: u64,
+    /// The view missed a report: a full one was requested and until it
+    /// arrives `workloads` may be out of date.
+    pub stale: bool,
+    pub full_report_requested_at: Option<u64>,
+    /// The last command id sent to the device.
+    pub command_id: u64,
+    pub workloads: BTreeMap<String, WorkloadReport>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    devices: sled::Tree,
+    desired: sled::Tree,
+    /// Key: device id, `/`, sequence number (big-endian), so a device's events are one ordered range.
+    events: sled::Tree,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).cache_capacity(CACHE_CAPACITY).open()?;
+        Ok(Self {
+            devices: db.open_tree("devices")?,
+            desired: db.open_tree("desired")?,
+            events: db.open_tree("events")?,
+            db,
+        })
+    }
+
+    /// Makes everything written so far durable: done before acknowledging it to anyone.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    pub fn device(&self, id: &str) -> Result<Option<Device>, StoreError> {
+        self.devices.get(id)?.map(|bytes| decode(&bytes, id)).transpose()
+    }
+
+    /// Every device, by id.
+    pub fn devices(&self) -> Result<Vec<Device>, StoreError> {
+        self.devices.iter().values().map(|bytes| decode(&bytes?, "a device")).collect()
+    }
+
+    /// Changes a device's record atomically, creating it if needed, and
+    /// returns what `change` returned. `change` runs again when another
+    /// writer got there first, so it must have no side effects.
+    pub fn update_device<T>(&self, id: &str, mut change: impl FnMut(&mut Device) -> T) -> Result<T, StoreError> {
+        loop {
+            let old = self.devices.get(id)?;
+            let mut device = match &old {
+                Some(bytes) => decode(bytes, id)?,
+                None => Device { id: id.to_string(), ..Device::default() },
+            };
+            let out = change(&mut device);
+            if self.devices.compare_and_swap(id, old, Some(encode(&device)))?.is_ok() {
+                return Ok(out);
+            }
+        }
+    }
+
+    pub fn desired(&self, id: &str) -> Result<Option<DesiredState>, StoreError> {
+        self.desired.get(id)?.map(|bytes| decode(&bytes, id)).transpose()
+    }
+
+    /// Every device's desired state, by device id.
+    pub fn desired_states(&self) -> Result<Vec<(String, DesiredState)>, StoreError> {
+        self.desired
+            .iter()
+            .map(|entry| {
+                let (key, bytes) = entry?;
+                let id = String::from_utf8_lossy(&key).into_owned();
+                let state = decode(&bytes, &id)?;
+                Ok((id, state))
+            })
+            .collect()
+    }
+
+    /// Stores `state` as the device's desired state if `accept` agrees with
+    /// the stored one, atomically against other writers; `accept` may run
+    /// more than once.
+    pub fn replace_desired<E: From<StoreError>>(
+        &self,
+        id: &str,
+        state: &DesiredState,
+        mut accept: impl FnMut(Option<&DesiredState>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let new = encode(state);
+        loop {
+            let old = self.desired.get(id).map_err(StoreError::from)?;
+            let stored = old.as_ref().map(|bytes| decode::<DesiredState>(bytes, id)).transpose()?;
+            accept(stored.as_ref())?;
+            if self.desired.compare_and_swap(id, old, Some(new.clone())).map_err(StoreError::from)?.is_ok() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Stores events (keyed by sequence number, so storing one twice keeps
+    /// one copy), then deletes those `EVENTS_KEPT` or more below the newest.
+    pub fn put_events(&self, id: &str, events: &[Event]) -> Result<(), StoreError> {
+        let Some(newest) = events.iter().map(|e| e.seq).max() else { return Ok(()) };
+        let mut batch = sled::Batch::default();
+        for event in events {
+            batch.insert(event_key(id, event.seq), encode(event));
+        }
+        for key in self.events.range(event_key(id, 0)..=event_key(id, newest.saturating_sub(EVENTS_KEPT))).keys() {
+            batch.remove(key?);
+        }
+        self.events.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Up to `limit` events numbered above `after`, oldest first.
+    pub fn events(&self, id: &str, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
+        self.events
+            .range(event_key(id, start)..=event_key(id, u64::MAX))
+            .values()
+            .take(limit)
+            .map(|bytes| decode(&bytes?, id))
+            .collect()
+    }
+}
+
+fn event_key(id: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.len() + 9);
+    key.extend_from_slice(id.as_bytes());
+    key.push(b'/');
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("the hub's records serialize")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { what: what.to_string(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use outpost_proto::EventKind;
+
+    use super::*;
+
+    fn event(seq: u64) -> Event {
+        Event { seq, at: seq * 10, kind: EventKind::Applied { generation: seq } }
+    }
+
+    #[test]
+    fn a_device_record_is_created_on_first_update_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.device("pump-3").unwrap(), None);
+            let seq = store.update_device("pump-3", |d| {
+                d.report_seq = 4;
+                d.report_seq
+            });
+            assert_eq!(seq.unwrap(), 4);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let device = store.device("pump-3").unwrap().unwrap();
+        assert_eq!((device.id.as_str(), device.report_seq), ("pump-3", 4));
+        assert_eq!(store.devices().unwrap(), vec![device]);
+    }
+
+    #[test]
+    fn events_are_kept_once_per_sequence_number_and_per_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_events("a", &[event(1), event(2)]).unwrap();
+        store.put_events("a", &[event(2), event(3)]).unwrap();
+        // A device whose id starts like another's keeps its own events.
+        store.put_events("a.b", &[event(1)]).unwrap();
+        let seqs = |id, after| store.events(id, after, 100).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs("a", 0), [1, 2, 3]);
+        assert_eq!(seqs("a", 2), [3]);
+        assert_eq!(seqs("a.b", 0), [1]);
+        assert_eq!(seqs("a", u64::MAX), Vec::<u64>::new());
+        assert_eq!(store.events("a", 0, 2).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn old_events_are_deleted_beyond_the_kept_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_events("a", &[event(1), event(2), event(3)]).unwrap();
+        store.put_events("a", &[event(EVENTS_KEPT + 2)]).unwrap();
+        let seqs = store.events("a", 0, 100).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs, [3, EVENTS_KEPT + 2]);
+    }
+}
