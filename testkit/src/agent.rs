@@ -21,18 +21,20 @@ pub fn require_root() {
 /// The edge-agent binary of this workspace, built once per test process.
 pub fn agent_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--quiet", "-p", "edge-agent", "--bin", "edge-agent"])
-            .current_dir(workspace)
-            .status()
-            .expect("cannot run cargo to build edge-agent");
-        assert!(status.success(), "building edge-agent failed");
-        let target =
-            std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
-        target.join("debug").join("edge-agent")
-    })
+    BINARY.get_or_init(|| build_binary("edge-agent", "edge-agent"))
+}
+
+/// Builds a binary of this workspace with cargo (quick when it is up to date) and returns its path.
+pub(crate) fn build_binary(package: &str, bin: &str) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .current_dir(workspace)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build {bin}: {e}"));
+    assert!(status.success(), "building {bin} failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+    target.join("debug").join(bin)
 }
 
 pub struct Agent {

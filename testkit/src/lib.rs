@@ -3,6 +3,7 @@
 //! cannot run here is a failure, never a silent skip.
 
 pub mod agent;
+pub mod hub;
 pub mod image;
 pub mod layers;
 pub mod proxy;

@@ -1,0 +1,127 @@
+//! Drives the real hub binary: `hub serve` with its embedded broker on
+//! loopback ports of its own, and the operator commands against its API.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The hub binary of this workspace, built once per test process.
+pub fn hub_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| crate::agent::build_binary("hub", "hub"))
+}
+
+/// A port free on loopback now (rumqttd cannot be handed a bound listener).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+pub struct Hub {
+    pub data: TempDir,
+    pub http: SocketAddr,
+    pub mqtt: SocketAddr,
+    config: PathBuf,
+    process: Mutex<Option<Child>>,
+}
+
+impl Hub {
+    /// A hub that knows `devices` (id, token).
+    pub fn new(devices: &[(&str, &str)]) -> Self {
+        let data = tempfile::Builder::new().prefix("outpost-hub-").tempdir().expect("temp dir");
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut config = format!(
+            "data-dir = {:?}\nhttp = \"{http}\"\nmqtt-listen = \"{mqtt}\"\n[devices]\n",
+            data.path().join("store")
+        );
+        for (id, token) in devices {
+            config += &format!("{id} = \"{token}\"\n");
+        }
+        let path = data.path().join("hub.toml");
+        std::fs::write(&path, config).unwrap();
+        let hub = Self { data, http, mqtt, config: path, process: Mutex::new(None) };
+        hub.start();
+        hub
+    }
+
+    pub fn start(&self) {
+        let log = std::fs::File::options().create(true).append(true).open(self.data.path().join("hub.log")).unwrap();
+        let child = Command::new(hub_binary())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start hub serve");
+        *self.process.lock().unwrap() = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(self.http).is_err() || TcpStream::connect(self.mqtt).is_err() {
+            assert!(Instant::now() < deadline, "the hub did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash or a power cut would do it.
+    pub fn kill(&self) {
+        if let Some(mut child) = self.process.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("hub.log")).unwrap_or_default()
+    }
+
+    /// An operator command (`hub devices`, `hub set-desired`...) against this hub.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(hub_binary())
+            .arg("--hub-url")
+            .arg(format!("http://{}", self.http))
+            .args(args)
+            .output()
+            .expect("cannot run hub")
+    }
+
+    /// Sets a device's desired state from a document's text; panics when refused.
+    pub fn set_desired(&self, device: &str, document: &str) {
+        let file = self.data.path().join(format!("desired-{device}.toml"));
+        std::fs::write(&file, document).unwrap();
+        let out = self.cli(&["set-desired", device, "-f", file.to_str().unwrap()]);
+        assert!(out.status.success(), "set-desired failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// GET on the hub's API, as JSON; panics unless the answer is 200.
+    pub fn get(&self, path: &str) -> Value {
+        self.try_get(path).unwrap_or_else(|answer| panic!("GET {path}: {answer}"))
+    }
+
+    /// GET on the hub's API: the JSON of a 200, or the whole other answer.
+    pub fn try_get(&self, path: &str) -> Result<Value, String> {
+        let mut stream = TcpStream::connect(self.http).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.http)
+            .map_err(|e| e.to_string())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(response);
+        }
+        serde_json::from_str(body).map_err(|e| format!("not JSON ({e}): {body}"))
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
