@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Quickstart: builds edge-agent, makes a small busybox image, imports it and
-# runs a workload from examples/quickstart/hello.toml. Run as root on Debian 12.
+# Quickstart: builds Outpost, starts a hub (with its embedded MQTT broker) and
+# an agent on this machine, and has the operator set, through the hub, the
+# demo workload the agent then runs. Run as root on Debian 12.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -9,35 +10,74 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-echo "==> building edge-agent (release)"
-cargo build --release --quiet -p edge-agent -p outpost-examples --bin edge-agent --bin busybox-image
+echo "==> building edge-agent and hub (release)"
+cargo build --release --quiet -p edge-agent -p hub -p outpost-examples --bin edge-agent --bin hub --bin busybox-image
 agent=target/release/edge-agent
-export OUTPOST_DATA_DIR=${OUTPOST_DATA_DIR:-/var/lib/outpost}
-export OUTPOST_RUN_DIR=${OUTPOST_RUN_DIR:-/run/outpost}
+hub=target/release/hub
+qs=/var/lib/outpost-quickstart
+mkdir -p "$qs"
 
-echo "==> making the image busybox:quickstart from this machine's busybox-static"
-target/release/busybox-image /tmp/outpost-quickstart-image busybox:quickstart
-$agent import /tmp/outpost-quickstart-image
-
-if $agent rm hello >/dev/null 2>&1; then
-    echo "==> removed the previous quickstart workload"
-fi
-echo "==> running examples/quickstart/hello.toml"
-$agent run -f examples/quickstart/hello.toml
-for _ in $(seq 1 20); do
-    $agent ps --json | grep -q '"health": "healthy"' && break
-    sleep 0.5
+# A re-run starts from the same place: stop what the last one started.
+for name in hub agent; do
+    if [ -f "$qs/$name.pid" ] && kill "$(cat "$qs/$name.pid")" 2>/dev/null; then
+        echo "==> stopped the previous quickstart $name"
+        sleep 1
+    fi
 done
-$agent ps
-echo "==> its web page, from the device:"
+
+device=quickstart-device
+[ -f "$qs/token" ] || head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$qs/token"
+token=$(cat "$qs/token")
+cat > "$qs/hub.toml" <<TOML
+data-dir = "$qs/hub"
+http = "127.0.0.1:18080"
+mqtt-listen = "127.0.0.1:18830"
+[devices]
+$device = "$token"
+TOML
+cat > "$qs/agent.toml" <<TOML
+device-id = "$device"
+hub = "mqtt://127.0.0.1:18830"
+hub-token = "$token"
+report-interval = "1s"
+TOML
+export OUTPOST_HUB_URL=http://127.0.0.1:18080
+
+echo "==> starting the hub (log: $qs/hub.log)"
+nohup $hub serve --config "$qs/hub.toml" > "$qs/hub.log" 2>&1 &
+echo $! > "$qs/hub.pid"
+
+echo "==> making the image busybox:quickstart from this machine's busybox-static, and importing it"
+target/release/busybox-image /tmp/outpost-quickstart-image busybox:quickstart
+$agent --config "$qs/agent.toml" import /tmp/outpost-quickstart-image
+
+echo "==> starting the agent (log: $qs/agent.log)"
+nohup $agent --config "$qs/agent.toml" daemon > "$qs/agent.log" 2>&1 &
+echo $! > "$qs/agent.pid"
+
+for _ in $(seq 1 50); do
+    $hub devices --json 2>/dev/null | grep -q '"online": true' && break
+    sleep 0.2
+done
+$hub devices
+
+echo "==> the operator sets the device's desired state through the hub (examples/quickstart/desired.toml)"
+generation=$(date +%s)
+sed -e "s/^generation = .*/generation = $generation/" -e "s/^revision = .*/revision = $generation/" \
+    examples/quickstart/desired.toml > "$qs/desired.toml"
+$hub set-desired $device -f "$qs/desired.toml"
+$hub watch $device --timeout 120s
+
+echo "==> the workload's web page, from the device:"
 busybox wget -qO- http://127.0.0.1:8088/
 echo "==> its logs:"
-$agent logs hello --tail 5
+$agent --config "$qs/agent.toml" logs hello --tail 3
 cat <<TXT
 
-The workload runs under its own shim and keeps running if edge-agent stops.
-  $agent ps                 # state, health, restarts
-  $agent logs -f hello      # follow its output
-  $agent stop hello         # SIGTERM, grace period, SIGKILL
-  $agent rm hello           # remove it (named volumes stay)
+The hub and the agent keep running in the background; the workload runs under
+its own shim and keeps running even when the agent stops.
+  OUTPOST_HUB_URL=$OUTPOST_HUB_URL $hub devices                 # the fleet, as the hub sees it
+  $agent --config $qs/agent.toml ps             # the device's workloads
+  $agent --config $qs/agent.toml events         # applied, healthy, failed, rolled back
+  kill \$(cat $qs/hub.pid) \$(cat $qs/agent.pid)  # stop both (the workload stays)
 TXT
