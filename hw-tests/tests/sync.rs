@@ -25,7 +25,7 @@ struct Site {
 fn site() -> Site {
     let agent = Agent::new();
     testkit::import_busybox(&agent);
-    let hub = Hub::new(&[(DEVICE, TOKEN)]);
+    let hub = Hub::new(&[(DEVICE, TOKEN), ("garbage-sender", "garbage-token")]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let proxy = runtime.block_on(CuttingProxy::start(hub.mqtt)).unwrap();
     let mut agent = agent;
@@ -187,4 +187,38 @@ fn agent_restarted_sends_what_it_had_not_delivered_and_runs_on() {
     hub_sees(&site, "generation 2 from the restarted agent", |d| generation(d) == Some(2));
     let applied = hub_events(&site).iter().filter(|e| e["event"] == "applied").count();
     assert_eq!(applied, 2);
+}
+
+#[test]
+fn garbage_sent_to_the_device_is_dropped_and_the_link_and_state_stay_intact() {
+    let site = site();
+    site.hub.set_desired(DEVICE, &document(1, "sleep 601"));
+    hub_sees(&site, "generation 1", |d| generation(d) == Some(1));
+
+    // Another client of the broker publishes garbage on the device's topics
+    // (the embedded broker has no per-topic rules yet: the trust issue adds them).
+    let topics = outpost_proto::sync::Topics::default();
+    let mut options = rumqttc::MqttOptions::new("garbage-sender", "127.0.0.1", site.hub.mqtt.port());
+    options.set_credentials("garbage-sender", "garbage-token");
+    let (client, mut connection) = rumqttc::Client::new(options, 16);
+    for channel in [outpost_proto::sync::Channel::Desired, outpost_proto::sync::Channel::Command] {
+        client
+            .publish(topics.topic(DEVICE, channel), rumqttc::QoS::AtLeastOnce, false, &b"\xff\x00not a message"[..])
+            .unwrap();
+    }
+    let mut acked = 0;
+    for notification in connection.iter() {
+        match notification {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+            Ok(_) => {}
+            Err(e) => panic!("the garbage sender lost its connection: {e}"),
+        }
+        if acked == 2 {
+            break;
+        }
+    }
+
+    site.hub.set_desired(DEVICE, &document(2, "sleep 602"));
+    hub_sees(&site, "generation 2 after the garbage", |d| generation(d) == Some(2));
+    assert!(running_command(&site.agent).contains("sleep 602"));
 }
