@@ -1,0 +1,100 @@
+//! The `hub` binary's operator commands, against an in-process hub.
+
+use std::future::Future;
+use std::process::Output;
+
+use tokio::process::Command;
+
+use crate::support::*;
+
+/// Runs `hub --hub-url API ARGS...`; the future owns what it needs, so it can be spawned.
+fn hub_cli(api: &str, args: &[&str]) -> impl Future<Output = Output> + 'static {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hub"));
+    command.arg("--hub-url").arg(api).args(args);
+    async move { command.output().await.unwrap() }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+const DESIRED: &str = r#"
+version = 1
+generation = 1
+
+[[deployments]]
+name = "app"
+revision = 1
+
+[[deployments.workloads]]
+name = "web"
+image = "web:1"
+"#;
+
+#[tokio::test]
+async fn the_cli_sets_a_desired_state_and_watches_the_device_converge() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(config(dir.path())).await;
+    let mut pump3 = DeviceSimulator::connect(hub.mqtt, "pump-3", token("pump-3")).await;
+    let file = dir.path().join("desired.toml");
+    std::fs::write(&file, DESIRED).unwrap();
+
+    let set = hub_cli(&hub.api, &["set-desired", "pump-3", "-f", file.to_str().unwrap()]).await;
+    assert!(set.status.success(), "{}", stderr(&set));
+    assert!(stdout(&set).contains("generation 1 stored"), "{}", stdout(&set));
+    pump3.desired(1).await;
+
+    let early = hub_cli(&hub.api, &["watch", "pump-3", "--timeout", "300ms", "--interval", "100ms"]).await;
+    assert!(!early.status.success(), "converged before the device reported");
+    assert!(stderr(&early).contains("has not converged within 300ms"), "{}", stderr(&early));
+
+    let watch = tokio::spawn(hub_cli(&hub.api, &["watch", "pump-3", "--timeout", "20s", "--interval", "100ms"]));
+    pump3.report(&report(1, true, 1, &[("web", "backoff")], &[])).await;
+    pump3.report(&report(2, false, 1, &[("web", "running")], &[])).await;
+    let watched = watch.await.unwrap();
+    assert!(watched.status.success(), "{}{}", stdout(&watched), stderr(&watched));
+    assert!(stdout(&watched).contains("converged: generation 1 of 1 stored; web running"), "{}", stdout(&watched));
+
+    let label = hub_cli(&hub.api, &["label", "pump-3", "site=north", "tier=edge"]).await;
+    assert!(label.status.success(), "{}", stderr(&label));
+    let label = hub_cli(&hub.api, &["label", "pump-3", "tier-"]).await;
+    assert_eq!(stdout(&label), "pump-3: site=north\n");
+
+    let table = stdout(&hub_cli(&hub.api, &["devices"]).await);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("pump-3") && l.contains("1/1") && l.contains("site=north")), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&hub_cli(&hub.api, &["devices", "--json"]).await)).unwrap();
+    assert_eq!(json[0]["id"], "pump-3");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_cli_says_what_the_hub_refused_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(config(dir.path())).await;
+    hub.set_generation("pump-3", 5).await;
+    let file = dir.path().join("desired.toml");
+    std::fs::write(&file, DESIRED).unwrap();
+    let refused = hub_cli(&hub.api, &["set-desired", "pump-3", "-f", file.to_str().unwrap()]).await;
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("409 Conflict: generation 1 is not above the stored generation 5"),
+        "{}",
+        stderr(&refused)
+    );
+    let unreachable = hub_cli("http://127.0.0.1:9", &["devices"]).await;
+    assert!(stderr(&unreachable).contains("cannot reach the hub at http://127.0.0.1:9/"), "{}", stderr(&unreachable));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn hub_config_default_prints_the_embedded_default_file() {
+    let output = hub_cli("http://unused", &["config", "default"]).await;
+    assert!(output.status.success());
+    assert_eq!(stdout(&output), hub::config::DEFAULT_CONFIG);
+}

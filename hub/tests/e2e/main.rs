@@ -1,0 +1,8 @@
+//! End-to-end tests: a hub in-process on loopback, and simulated devices.
+//! One test binary, one module per concern.
+
+mod api;
+mod cli;
+mod mosquitto;
+mod support;
+mod sync;
