@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use outpost_proto::sync::WorkloadReport;
 use outpost_proto::{DesiredState, Event};
@@ -50,9 +52,18 @@ pub struct Device {
     pub workloads: BTreeMap<String, WorkloadReport>,
 }
 
+/// Flushes run one at a time, numbered from 1.
+#[derive(Default)]
+struct Flushes {
+    started: AtomicU64,
+    /// The number of the last flush that completed.
+    done: tokio::sync::Mutex<u64>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    flushes: Arc<Flushes>,
     devices: sled::Tree,
     desired: sled::Tree,
     /// Key: device id, `/`, sequence number (big-endian), so a device's events are one ordered range.
@@ -67,12 +78,26 @@ impl Store {
             desired: db.open_tree("desired")?,
             events: db.open_tree("events")?,
             db,
+            flushes: Arc::default(),
         })
     }
 
-    /// Makes everything written so far durable: done before acknowledging it to anyone.
+    /// Makes everything written so far durable: done before acknowledging it
+    /// to anyone. Callers that come while a flush runs share the next one.
+    ///
+    /// Not sled's `flush_async`: concurrent calls of it deadlock in 0.34
+    /// (spacejam/sled#1308, fixed after the last release).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        // A flush numbered above this one starts after our writes.
+        let seen = self.flushes.started.load(Ordering::SeqCst);
+        let mut done = self.flushes.done.lock().await;
+        if *done > seen {
+            return Ok(());
+        }
+        let number = self.flushes.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush()).await.expect("sled's flush does not panic")?;
+        *done = number;
         Ok(())
     }
 
@@ -224,6 +249,23 @@ mod tests {
         assert_eq!(seqs("a.b", 0), [1]);
         assert_eq!(seqs("a", u64::MAX), Vec::<u64>::new());
         assert_eq!(store.events("a", 0, 2).unwrap().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_flushes_all_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut flushes = tokio::task::JoinSet::new();
+        for seq in 1..=200 {
+            let store = store.clone();
+            flushes.spawn(async move {
+                store.put_events("a", &[event(seq)]).unwrap();
+                store.flush().await.unwrap();
+            });
+        }
+        let all = tokio::time::timeout(std::time::Duration::from_secs(30), flushes.join_all()).await;
+        assert!(all.is_ok(), "flushes hung");
+        assert_eq!(store.events("a", 0, 1000).unwrap().len(), 200);
     }
 
     #[test]
