@@ -1,9 +1,14 @@
 //! The embedded MQTT broker, the only module that knows rumqttd. It runs on
 //! its own threads with a small configuration built here (no prometheus, no
-//! websocket, bounded memory), and authenticates each device by its token.
+//! websocket, small segments), and authenticates each device by its token.
 //!
 //! rumqttd keeps nothing across restarts (retained messages, sessions), and
-//! has no way to stop: its threads end with the process.
+//! has no way to stop: its threads end with the process. Measured here with
+//! 0.20: about 45 KiB per connection and 6 KiB per subscription (three per
+//! device), and every new subscription scans every retained message (three
+//! per device), so connecting a fleet takes time quadratic in its size:
+//! 2,000 devices in 8 s, and 10,000 not all within 5 minutes. Mosquitto does both
+//! easily; a large fleet wants it (`broker = "mqtt://..."`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
@@ -14,13 +19,14 @@ use rumqttd::{ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-/// Enough for the 10,000 devices a hub is sized for, and the hub itself.
+/// Room for a fleet of 10,000 devices and the hub (see above for how rumqttd copes).
 const MAX_CONNECTIONS: usize = 10_100;
 /// Devices' reports with many workloads, and desired states, fit.
 const MAX_PAYLOAD: usize = 256 * 1024;
-/// rumqttd keeps each subscription's messages in memory segments, however
-/// far its reader is. Reports, events and presence from every device go to
-/// the hub's three subscriptions: room for a burst from the whole fleet.
+/// rumqttd keeps each subscription's messages in memory segments, dropping
+/// the oldest segment when full: a reader further behind skips ahead and
+/// loses messages. Reports, events and presence from every device go to the
+/// hub's three subscriptions: room for a burst from the whole fleet.
 const FLEET_SEGMENT: SegmentConfig = SegmentConfig { max_segment_size: 1 << 20, max_segment_count: 2 };
 /// Each device's desired, ack and command topics: only the newest message
 /// matters (desired states and acks are retained and cumulative), so the
