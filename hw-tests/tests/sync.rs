@@ -90,7 +90,19 @@ fn hub_events(site: &Site) -> Vec<Value> {
 fn running_command(agent: &Agent) -> String {
     let w = agent.wait_for("svc", WAIT, "running", |w| state(w) == "running");
     let pid = w["status"]["pid"].as_i64().unwrap();
-    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).replace('\0', " ")
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).replace('\0', " ")
+}
+
+/// Waits until the device's `svc` runs `command` (a replacement takes a moment).
+fn runs(agent: &Agent, command: &str) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while !running_command(agent).contains(command) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
 }
 
 #[test]
@@ -99,7 +111,7 @@ fn device_runs_the_desired_state_set_through_the_hub_and_reports_it() {
     hub_sees(&site, "the device online", |d| d["online"] == true);
     site.hub.set_desired(DEVICE, &document(1, "sleep 601"));
     let seen = hub_sees(&site, "generation 1 applied", |d| generation(d) == Some(1));
-    assert!(running_command(&site.agent).contains("sleep 601"));
+    assert!(runs(&site.agent, "sleep 601"), "the device never ran `sleep 601`");
     assert!(seen.to_string().contains("svc"), "the hub's view lists the workload: {seen:#}");
     let watch = site.hub.cli(&["watch", DEVICE, "--timeout", "30s"]);
     assert!(watch.status.success(), "hub watch: {}", String::from_utf8_lossy(&watch.stderr));
@@ -120,7 +132,7 @@ fn desired_state_changed_while_the_link_is_down_arrives_when_it_returns_and_ever
 
     site.proxy.set_link_down(false);
     hub_sees(&site, "generation 2 after the link returned", |d| generation(d) == Some(2));
-    assert!(running_command(&site.agent).contains("sleep 602"));
+    assert!(runs(&site.agent, "sleep 602"), "the device never ran `sleep 602`");
     let events = hub_events(&site);
     let applied: Vec<u64> =
         events.iter().filter(|e| e["event"] == "applied").filter_map(|e| e["generation"].as_u64()).collect();
@@ -138,7 +150,7 @@ fn events_recorded_while_the_link_is_down_reach_the_hub_once_through_repeated_cu
         let out = site.agent.apply(&document(generation, &format!("sleep {}", 600 + generation)));
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    assert!(running_command(&site.agent).contains("sleep 604"));
+    assert!(runs(&site.agent, "sleep 604"), "the device never ran `sleep 604`");
     // The link comes back flaky: cut again and again while the outbox drains.
     site.proxy.set_link_down(false);
     for _ in 0..3 {
@@ -169,7 +181,7 @@ fn hub_restarted_loses_nothing_and_the_device_still_takes_new_desired_states() {
     hub_sees(&site, "the device back online", |d| d["online"] == true);
     site.hub.set_desired(DEVICE, &document(2, "sleep 602"));
     hub_sees(&site, "generation 2", |d| generation(d) == Some(2));
-    assert!(running_command(&site.agent).contains("sleep 602"));
+    assert!(runs(&site.agent, "sleep 602"), "the device never ran `sleep 602`");
     hub_events(&site);
 }
 
@@ -220,5 +232,5 @@ fn garbage_sent_to_the_device_is_dropped_and_the_link_and_state_stay_intact() {
 
     site.hub.set_desired(DEVICE, &document(2, "sleep 602"));
     hub_sees(&site, "generation 2 after the garbage", |d| generation(d) == Some(2));
-    assert!(running_command(&site.agent).contains("sleep 602"));
+    assert!(runs(&site.agent, "sleep 602"), "the device never ran `sleep 602`");
 }
