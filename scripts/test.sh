@@ -12,4 +12,9 @@ fi
 echo "==> building"
 cargo build --workspace --all-targets --quiet
 echo "==> testing"
-cargo test --workspace --no-fail-fast
+status=0
+cargo test --workspace --no-fail-fast || status=$?
+echo "==> testing the patched rumqttd (third_party/rumqttd/OUTPOST-PATCHES.md)"
+CARGO_TARGET_DIR=target/third-party cargo test --manifest-path third_party/rumqttd/Cargo.toml \
+    --no-default-features --lib --locked --quiet || status=$?
+exit $status

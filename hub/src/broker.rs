@@ -3,12 +3,10 @@
 //! websocket, small segments), and authenticates each device by its token.
 //!
 //! rumqttd keeps nothing across restarts (retained messages, sessions), and
-//! has no way to stop: its threads end with the process. Measured here with
-//! 0.20: about 45 KiB per connection and 6 KiB per subscription (three per
-//! device), and every new subscription scans every retained message (three
-//! per device), so connecting a fleet takes time quadratic in its size:
-//! 2,000 devices in 8 s, and 10,000 not all within 5 minutes. Mosquitto does both
-//! easily; a large fleet wants it (`broker = "mqtt://..."`).
+//! has no way to stop: its threads end with the process. It is patched for
+//! fleets (third_party/rumqttd/OUTPOST-PATCHES.md): 10,000 devices connect in
+//! about 25 s and cost the hub under 300 MB (docs/benchmarks.md). Mosquitto
+//! costs less still; a large fleet may prefer it (`broker = "mqtt://..."`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};

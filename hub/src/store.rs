@@ -11,8 +11,10 @@ use outpost_proto::{DesiredState, Event};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// sled's default cache is 1 GiB; the hub's working set is far smaller.
-const CACHE_CAPACITY: u64 = 64 << 20;
+/// sled's default cache is 1 GiB. The hub reads a device's record once per
+/// message from it; the rest can wait for the OS page cache. sled can use
+/// several times this (docs/benchmarks.md measures the hub with 10,000 devices).
+const CACHE_CAPACITY: u64 = 16 << 20;
 
 /// Events kept per device: the newest ones; older ones are deleted as new ones arrive.
 const EVENTS_KEPT: u64 = 10_000;

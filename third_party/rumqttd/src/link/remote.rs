@@ -120,7 +120,7 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            notifications: VecDeque::new(),
             will_delay_interval,
         })
     }
@@ -159,6 +159,9 @@ impl<P: Protocol> RemoteLink<P> {
                         }
 
                     }
+                    // Outpost patch: an idle connection holds no buffer (these
+                    // buffers are swapped with the router's and grow in bursts).
+                    self.notifications.shrink_to_fit();
                     self.network.writev(packets).await?;
                     if unscheduled {
                         self.link_rx.wake().await?;

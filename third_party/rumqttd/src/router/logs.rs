@@ -3,7 +3,7 @@ use slab::Slab;
 use tracing::{info, trace};
 
 use crate::protocol::{
-    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
+    has_wildcards, matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
@@ -61,12 +61,16 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// Outpost patch: the filters with wildcards, the only ones a topic must
+    /// be matched against one by one (a plain filter matches one topic).
+    wildcard_filters: Vec<(Filter, FilterIdx)>,
 }
 
 impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
+        let mut wildcard_filters = Vec::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
 
@@ -77,6 +81,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                if has_wildcards(&filter) {
+                    wildcard_filters.push((filter.clone(), idx));
+                }
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -87,6 +94,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            wildcard_filters,
         })
     }
 
@@ -130,9 +138,16 @@ impl DataLog {
             None => {
                 let v: Vec<usize> = self
                     .filter_indexes
-                    .iter()
-                    .filter(|(filter, _)| matches(topic, filter))
-                    .map(|(_, filter_idx)| *filter_idx)
+                    .get(topic)
+                    .filter(|_| !topic.starts_with('$'))
+                    .copied()
+                    .into_iter()
+                    .chain(
+                        self.wildcard_filters
+                            .iter()
+                            .filter(|(filter, _)| matches(topic, filter))
+                            .map(|(_, filter_idx)| *filter_idx),
+                    )
                     .collect();
 
                 if !v.is_empty() {
@@ -159,10 +174,18 @@ impl DataLog {
                 self.filter_indexes.insert(filter.to_owned(), idx);
 
                 // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
-                        filters.push(idx);
+                if has_wildcards(filter) {
+                    self.wildcard_filters.push((filter.to_owned(), idx));
+                    for (topic, filters) in publish_filters.iter_mut() {
+                        if matches(topic, filter) {
+                            filters.push(idx);
+                        }
                     }
+                } else if let Some(filters) = publish_filters
+                    .get_mut(filter)
+                    .filter(|_| !filter.starts_with('$'))
+                {
+                    filters.push(idx);
                 }
 
                 (idx, self.native.get(idx).unwrap())
@@ -273,31 +296,25 @@ impl DataLog {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
 
-        // discard expired retained messages
-        self.retained_publishes.retain(|_, pubdata| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
+        // Outpost patch: a plain filter reads its one topic, not every retained message.
+        // (`matches` never lets a `$` topic match.)
+        if !has_wildcards(filter) {
+            if filter.starts_with('$') {
+                return Vec::new();
             }
+            let Some(pubdata) = self.retained_publishes.get_mut(filter) else {
+                return Vec::new();
+            };
+            if !still_valid(pubdata, now) {
+                self.retained_publishes.remove(filter);
+                return Vec::new();
+            }
+            return vec![(pubdata.publish.clone(), pubdata.properties.clone())];
+        }
 
-            is_valid
-        });
+        // discard expired retained messages
+        self.retained_publishes
+            .retain(|_, pubdata| still_valid(pubdata, now));
 
         // no need to include timestamp when returning
         self.retained_publishes
@@ -306,6 +323,33 @@ impl DataLog {
             .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
             .collect()
     }
+}
+
+/// Whether a retained message has not expired yet; counts the time it
+/// waited against its expiry interval.
+fn still_valid(pubdata: &mut PublishData, now: Instant) -> bool {
+    // Keep data if no properties exists, which implies no message expiry!
+    let Some(properties) = pubdata.properties.as_mut() else {
+        return true;
+    };
+
+    // Keep data if there is no message_expiry_interval
+    let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
+        return true;
+    };
+
+    let time_spent = (now - pubdata.timestamp).as_secs() as u32;
+
+    let is_valid = time_spent < *message_expiry_interval;
+
+    // ignore expired messages
+    if is_valid {
+        // set message_expiry_interval to (original value - time spent waiting in server)
+        // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
+        *message_expiry_interval -= time_spent;
+    }
+
+    is_valid
 }
 
 pub struct Data<T> {
@@ -337,7 +381,8 @@ where
         // max_segment_size: usize, max_mem_segments: usize
         let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
 
-        let waiters = Waiters::with_capacity(10);
+        // Outpost patch: most filters have one subscriber.
+        let waiters = Waiters::with_capacity(1);
         let metrics = SubscriptionMeter::default();
         Data {
             filter: filter.to_owned(),
@@ -380,8 +425,9 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            // Outpost patch: grown on demand (these were 40 KiB per connection).
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 
@@ -475,6 +521,67 @@ mod test {
         data.matches("topic/a");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    }
+
+    fn outpost_config() -> RouterConfig {
+        RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        }
+    }
+
+    #[test]
+    fn outpost_patch_plain_filters_match_only_their_own_topic() {
+        let mut data = DataLog::new(outpost_config()).unwrap();
+        let (wild, _) = data.next_native_offset("site/+/desired");
+        data.matches("site/a/desired");
+        data.matches("site/b/desired");
+        let (plain, _) = data.next_native_offset("site/a/desired");
+        assert_eq!(data.publish_filters["site/a/desired"], vec![wild, plain]);
+        assert_eq!(data.publish_filters["site/b/desired"], vec![wild]);
+
+        let (later, _) = data.next_native_offset("site/c/desired");
+        assert_eq!(data.matches("site/c/desired").unwrap(), vec![later, wild]);
+        assert_eq!(data.matches("site/d/desired").unwrap(), vec![wild]);
+        assert_eq!(data.matches("other").unwrap(), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn outpost_patch_dollar_topics_still_match_no_filter() {
+        let mut data = DataLog::new(outpost_config()).unwrap();
+        data.next_native_offset("$SYS/x");
+        assert_eq!(data.matches("$SYS/x").unwrap(), Vec::<usize>::new());
+        data.matches("$SYS/y");
+        data.next_native_offset("$SYS/y");
+        assert!(data.publish_filters.get("$SYS/y").is_none());
+    }
+
+    #[test]
+    fn outpost_patch_retained_messages_are_read_by_plain_and_wildcard_filters() {
+        use crate::protocol::Publish;
+        let mut data = DataLog::new(outpost_config()).unwrap();
+        for topic in ["site/a/desired", "site/b/desired", "$SYS/a"] {
+            let publish = Publish::new(topic.as_bytes().to_vec(), topic.as_bytes().to_vec(), true);
+            data.insert_to_retained_publishes(publish, None, topic.into());
+        }
+        let payloads = |data: &mut DataLog, filter: &str| {
+            let mut found: Vec<_> = data
+                .read_retained_messages(filter)
+                .into_iter()
+                .map(|(p, _)| p.payload.to_vec())
+                .collect();
+            found.sort();
+            found
+        };
+        assert_eq!(payloads(&mut data, "site/a/desired"), vec![b"site/a/desired".to_vec()]);
+        assert_eq!(payloads(&mut data, "site/c/desired"), Vec::<Vec<u8>>::new());
+        assert_eq!(payloads(&mut data, "site/+/desired").len(), 2);
+        assert_eq!(payloads(&mut data, "$SYS/a"), Vec::<Vec<u8>>::new());
     }
 
     //     #[test]

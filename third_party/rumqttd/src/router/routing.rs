@@ -880,6 +880,8 @@ impl Router {
             }
         }
 
+        // Outpost patch: the spare buffer goes to the next connection; keep it empty.
+        packets.shrink_to_fit();
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
@@ -1388,6 +1390,8 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
         buffer.push_back(message);
         count += 1;
     }
+    // Outpost patch: an idle connection holds no buffer.
+    acks.shrink_to_fit();
 
     debug!(acks_count = count, "Acks sent to device");
     outgoing.handle.try_send(()).ok();
