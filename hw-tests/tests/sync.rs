@@ -1,6 +1,7 @@
-//! A real agent (daemon, containers) and a real hub (embedded broker, HTTP
-//! API) over loopback, with a cutting proxy on the device's link. Needs root
-//! (CI runs as root).
+//! A real agent (daemon, containers) and a real hub (HTTP API) over loopback,
+//! with a cutting proxy on the device's link. Each scenario runs on the hub's
+//! embedded broker and on an external mosquitto. Needs root (CI runs as root)
+//! and mosquitto.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -8,24 +9,43 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use testkit::agent::{state, Agent};
 use testkit::hub::Hub;
-use testkit::CuttingProxy;
+use testkit::{CuttingProxy, Mosquitto};
 
 const WAIT: Duration = Duration::from_secs(30);
 const DEVICE: &str = "pump-3";
 const TOKEN: &str = "pump-3-token";
+const GARBAGE_SENDER: (&str, &str) = ("garbage-sender", "garbage-token");
+const HUB_USER: &str = "outpost-hub";
+const HUB_PASSWORD: &str = "hub-password";
 
-/// The hub, a proxy in front of its broker, and an agent linked through the proxy.
+#[derive(Clone, Copy)]
+enum Broker {
+    /// The hub's own rumqttd, which authenticates the devices from the hub's configuration.
+    Embedded,
+    /// Mosquitto, which authenticates the devices and the hub from its password file.
+    Mosquitto,
+}
+
+/// The hub, its broker, a proxy in front of the broker, and an agent linked through the proxy.
 struct Site {
     hub: Hub,
     proxy: CuttingProxy,
     agent: Agent,
+    /// On `Broker::Mosquitto` only.
+    mosquitto: Option<Mosquitto>,
     _runtime: tokio::runtime::Runtime,
 }
 
-fn site() -> Site {
+fn site(broker: Broker) -> Site {
     let agent = Agent::new();
     testkit::import_busybox(&agent);
-    let hub = Hub::new(&[(DEVICE, TOKEN), ("garbage-sender", "garbage-token")]);
+    let (hub, mosquitto) = match broker {
+        Broker::Embedded => (Hub::new(&[(DEVICE, TOKEN), GARBAGE_SENDER]), None),
+        Broker::Mosquitto => {
+            let mosquitto = Mosquitto::new(&[(HUB_USER, HUB_PASSWORD), (DEVICE, TOKEN), GARBAGE_SENDER]);
+            (Hub::external(mosquitto.addr(), HUB_USER, HUB_PASSWORD), Some(mosquitto))
+        }
+    };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let proxy = runtime.block_on(CuttingProxy::start(hub.mqtt)).unwrap();
     let mut agent = agent;
@@ -40,7 +60,15 @@ fn site() -> Site {
     .unwrap();
     agent.extra_args = vec!["--config".into(), config.to_str().unwrap().into()];
     agent.start_daemon();
-    Site { hub, proxy, agent, _runtime: runtime }
+    Site { hub, proxy, agent, mosquitto, _runtime: runtime }
+}
+
+impl Site {
+    /// Every log of the site, for a failure's message.
+    fn logs(&self) -> String {
+        let mosquitto = self.mosquitto.as_ref().map(|m| format!("\nmosquitto log:\n{}", m.log())).unwrap_or_default();
+        format!("hub log:\n{}\nagent log:\n{}{mosquitto}", self.hub.log(), self.agent.daemon_log())
+    }
 }
 
 fn document(generation: u64, command: &str) -> String {
@@ -48,6 +76,21 @@ fn document(generation: u64, command: &str) -> String {
         "version = 1\ngeneration = {generation}\n[[deployments]]\nname = \"app\"\nrevision = {generation}\n\
          [[deployments.workloads]]\nname = \"svc\"\nimage = \"busybox:test\"\ncommand = [\"/bin/sh\", \"-c\", {command:?}]\nstop-grace-period = \"100ms\"\n"
     )
+}
+
+/// How many times `crashing_document`'s svc exits before it keeps running.
+const CRASHES: u64 = 12;
+
+/// A svc that exits 1 at each of its first `CRASHES` runs (counted in a
+/// volume) and is restarted 50 ms later each time; the next run keeps running.
+fn crashing_document(generation: u64) -> String {
+    let command = format!(
+        "n=$(cat /state/runs 2>/dev/null || echo 0); echo $((n + 1)) > /state/runs; \
+         [ $n -ge {CRASHES} ] && exec sleep 600; exit 1"
+    );
+    document(generation, &command)
+        + "mounts = [{ volume = \"state\", target = \"/state\" }]\n[deployments.workloads.restart]\n\
+           backoff-initial = \"50ms\"\nbackoff-max = \"50ms\"\ncrash-loop-threshold = 100\n"
 }
 
 /// The hub's view of the device; null until the hub has heard of it.
@@ -63,18 +106,18 @@ fn hub_sees(site: &Site, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         if check(&seen) {
             return seen;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the hub never saw {what}: {seen:#}\nhub log:\n{}\nagent log:\n{}",
-            site.hub.log(),
-            site.agent.daemon_log()
-        );
+        assert!(Instant::now() < deadline, "the hub never saw {what}: {seen:#}\n{}", site.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 fn generation(device: &Value) -> Option<u64> {
     device["generation"].as_u64().or_else(|| device["applied_generation"].as_u64())
+}
+
+/// A workload as the hub's view of the device lists it.
+fn hub_workload<'a>(device: &'a Value, name: &str) -> Option<&'a Value> {
+    device["workloads"].as_array()?.iter().find(|w| w["name"] == name)
 }
 
 /// Every event the hub stored for the device: numbered without a duplicate.
@@ -105,9 +148,79 @@ fn runs(agent: &Agent, command: &str) -> bool {
     true
 }
 
-#[test]
-fn device_runs_the_desired_state_set_through_the_hub_and_reports_it() {
-    let site = site();
+/// The generations of the `applied` events the hub stored, in order.
+fn applied_generations(site: &Site) -> Vec<u64> {
+    let events = hub_events(site);
+    events.iter().filter(|e| e["event"] == "applied").filter_map(|e| e["generation"].as_u64()).collect()
+}
+
+/// Waits until the hub has stored exactly these `applied` events, each once.
+fn hub_has_applied(site: &Site, generations: &[u64]) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let applied = applied_generations(site);
+        if applied == generations {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hub's applied events are {applied:?}, never {generations:?}\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until the device has no event left to deliver (it forgets those the
+/// hub acknowledged) and the hub holds events 1 to n, each once.
+fn every_event_reached_the_hub_once(site: &Site) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let undelivered = site.agent.events().len();
+        let seqs: Vec<u64> = hub_events(site).iter().filter_map(|e| e["seq"].as_u64()).collect();
+        if undelivered == 0 && seqs.iter().copied().eq(1..=seqs.len() as u64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{undelivered} events still on the device; the hub holds {seqs:?}\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One `#[test]` per broker for each scenario, named `on_the_embedded_broker::SCENARIO`
+/// and `on_mosquitto::SCENARIO`.
+macro_rules! on_both_brokers {
+    ($($scenario:ident),+ $(,)?) => {
+        mod on_the_embedded_broker {
+            $(#[test]
+            fn $scenario() {
+                super::$scenario(super::Broker::Embedded)
+            })+
+        }
+        mod on_mosquitto {
+            $(#[test]
+            fn $scenario() {
+                super::$scenario(super::Broker::Mosquitto)
+            })+
+        }
+    };
+}
+
+on_both_brokers!(
+    device_runs_the_desired_state_set_through_the_hub_and_reports_it,
+    desired_state_changed_while_the_link_is_down_arrives_when_it_returns_and_every_event_once,
+    events_recorded_while_the_link_is_down_reach_the_hub_once_through_repeated_cuts,
+    hub_restarted_loses_nothing_and_the_device_still_takes_new_desired_states,
+    agent_restarted_sends_what_it_had_not_delivered_and_runs_on,
+    garbage_sent_to_the_device_is_dropped_and_the_link_and_state_stay_intact,
+    reports_sent_in_a_burst_through_repeated_cuts_leave_the_hub_with_the_devices_last_view,
+);
+
+fn device_runs_the_desired_state_set_through_the_hub_and_reports_it(broker: Broker) {
+    let site = site(broker);
     hub_sees(&site, "the device online", |d| d["online"] == true);
     site.hub.set_desired(DEVICE, &document(1, "sleep 601"));
     let seen = hub_sees(&site, "generation 1 applied", |d| generation(d) == Some(1));
@@ -115,13 +228,11 @@ fn device_runs_the_desired_state_set_through_the_hub_and_reports_it() {
     assert!(seen.to_string().contains("svc"), "the hub's view lists the workload: {seen:#}");
     let watch = site.hub.cli(&["watch", DEVICE, "--timeout", "30s"]);
     assert!(watch.status.success(), "hub watch: {}", String::from_utf8_lossy(&watch.stderr));
-    let events = hub_events(&site);
-    assert!(events.iter().any(|e| e["event"] == "applied"), "{events:#?}");
+    hub_has_applied(&site, &[1]);
 }
 
-#[test]
-fn desired_state_changed_while_the_link_is_down_arrives_when_it_returns_and_every_event_once() {
-    let site = site();
+fn desired_state_changed_while_the_link_is_down_arrives_when_it_returns_and_every_event_once(broker: Broker) {
+    let site = site(broker);
     site.hub.set_desired(DEVICE, &document(1, "sleep 601"));
     hub_sees(&site, "generation 1", |d| generation(d) == Some(1));
 
@@ -133,15 +244,11 @@ fn desired_state_changed_while_the_link_is_down_arrives_when_it_returns_and_ever
     site.proxy.set_link_down(false);
     hub_sees(&site, "generation 2 after the link returned", |d| generation(d) == Some(2));
     assert!(runs(&site.agent, "sleep 602"), "the device never ran `sleep 602`");
-    let events = hub_events(&site);
-    let applied: Vec<u64> =
-        events.iter().filter(|e| e["event"] == "applied").filter_map(|e| e["generation"].as_u64()).collect();
-    assert_eq!(applied, [1, 2], "each applied event once, in order: {events:#?}");
+    hub_has_applied(&site, &[1, 2]);
 }
 
-#[test]
-fn events_recorded_while_the_link_is_down_reach_the_hub_once_through_repeated_cuts() {
-    let site = site();
+fn events_recorded_while_the_link_is_down_reach_the_hub_once_through_repeated_cuts(broker: Broker) {
+    let site = site(broker);
     site.hub.set_desired(DEVICE, &document(1, "sleep 601"));
     hub_sees(&site, "generation 1", |d| generation(d) == Some(1));
     site.proxy.set_link_down(true);
@@ -158,22 +265,37 @@ fn events_recorded_while_the_link_is_down_reach_the_hub_once_through_repeated_cu
         site.proxy.set_link_down(true);
         site.proxy.set_link_down(false);
     }
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let events = hub_events(&site);
-        let applied: Vec<u64> =
-            events.iter().filter(|e| e["event"] == "applied").filter_map(|e| e["generation"].as_u64()).collect();
-        if applied == [1, 2, 3, 4] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "events never all arrived: {applied:?}\n{}", site.agent.daemon_log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    hub_has_applied(&site, &[1, 2, 3, 4]);
+    every_event_reached_the_hub_once(&site);
 }
 
-#[test]
-fn hub_restarted_loses_nothing_and_the_device_still_takes_new_desired_states() {
-    let site = site();
+fn reports_sent_in_a_burst_through_repeated_cuts_leave_the_hub_with_the_devices_last_view(broker: Broker) {
+    let site = site(broker);
+    site.hub.set_desired(DEVICE, &crashing_document(1));
+    site.agent.wait_for("svc", WAIT, "started", |w| !w.is_null());
+    // While svc crashes, its state and restart count change at nearly every
+    // 200 ms report tick: cut the link again and again through that burst.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let svc = site.agent.workload("svc");
+        if state(&svc) == "running" && svc["status"]["restarts"] == CRASHES {
+            break;
+        }
+        assert!(Instant::now() < deadline, "svc never settled after {CRASHES} restarts: {svc:#}\n{}", site.logs());
+        std::thread::sleep(Duration::from_millis(400));
+        site.proxy.set_link_down(true);
+        site.proxy.set_link_down(false);
+    }
+    assert!(site.proxy.cuts() >= 3, "svc settled after {} cuts: too few to test anything", site.proxy.cuts());
+    hub_sees(&site, "svc running after its restarts, as the device has it", |d| {
+        d["stale"] == false
+            && hub_workload(d, "svc").is_some_and(|w| w["state"] == "running" && w["restarts"] == CRASHES)
+    });
+    every_event_reached_the_hub_once(&site);
+}
+
+fn hub_restarted_loses_nothing_and_the_device_still_takes_new_desired_states(broker: Broker) {
+    let site = site(broker);
     site.hub.set_desired(DEVICE, &document(1, "sleep 601"));
     hub_sees(&site, "generation 1", |d| generation(d) == Some(1));
     site.hub.kill();
@@ -182,12 +304,11 @@ fn hub_restarted_loses_nothing_and_the_device_still_takes_new_desired_states() {
     site.hub.set_desired(DEVICE, &document(2, "sleep 602"));
     hub_sees(&site, "generation 2", |d| generation(d) == Some(2));
     assert!(runs(&site.agent, "sleep 602"), "the device never ran `sleep 602`");
-    hub_events(&site);
+    hub_has_applied(&site, &[1, 2]);
 }
 
-#[test]
-fn agent_restarted_sends_what_it_had_not_delivered_and_runs_on() {
-    let site = site();
+fn agent_restarted_sends_what_it_had_not_delivered_and_runs_on(broker: Broker) {
+    let site = site(broker);
     site.hub.set_desired(DEVICE, &document(1, "sleep 601"));
     hub_sees(&site, "generation 1", |d| generation(d) == Some(1));
     site.proxy.set_link_down(true);
@@ -197,21 +318,20 @@ fn agent_restarted_sends_what_it_had_not_delivered_and_runs_on() {
     site.proxy.set_link_down(false);
     site.agent.start_daemon();
     hub_sees(&site, "generation 2 from the restarted agent", |d| generation(d) == Some(2));
-    let applied = hub_events(&site).iter().filter(|e| e["event"] == "applied").count();
-    assert_eq!(applied, 2);
+    hub_has_applied(&site, &[1, 2]);
 }
 
-#[test]
-fn garbage_sent_to_the_device_is_dropped_and_the_link_and_state_stay_intact() {
-    let site = site();
+fn garbage_sent_to_the_device_is_dropped_and_the_link_and_state_stay_intact(broker: Broker) {
+    let site = site(broker);
     site.hub.set_desired(DEVICE, &document(1, "sleep 601"));
     hub_sees(&site, "generation 1", |d| generation(d) == Some(1));
 
     // Another client of the broker publishes garbage on the device's topics
-    // (the embedded broker has no per-topic rules yet: the trust issue adds them).
+    // (neither broker has per-topic rules yet: the trust issue adds them).
     let topics = outpost_proto::sync::Topics::default();
-    let mut options = rumqttc::MqttOptions::new("garbage-sender", "127.0.0.1", site.hub.mqtt.port());
-    options.set_credentials("garbage-sender", "garbage-token");
+    let (user, password) = GARBAGE_SENDER;
+    let mut options = rumqttc::MqttOptions::new(user, "127.0.0.1", site.hub.mqtt.port());
+    options.set_credentials(user, password);
     let (client, mut connection) = rumqttc::Client::new(options, 16);
     for channel in [outpost_proto::sync::Channel::Desired, outpost_proto::sync::Channel::Command] {
         client
@@ -233,4 +353,29 @@ fn garbage_sent_to_the_device_is_dropped_and_the_link_and_state_stay_intact() {
     site.hub.set_desired(DEVICE, &document(2, "sleep 602"));
     hub_sees(&site, "generation 2 after the garbage", |d| generation(d) == Some(2));
     assert!(runs(&site.agent, "sleep 602"), "the device never ran `sleep 602`");
+}
+
+/// On mosquitto only: restarting the embedded broker means restarting the hub, above.
+#[test]
+fn mosquitto_restarted_with_no_memory_the_device_runs_the_newest_desired_state_and_every_event_counts_once() {
+    let site = site(Broker::Mosquitto);
+    let mosquitto = site.mosquitto.as_ref().expect("a site on mosquitto");
+    site.hub.set_desired(DEVICE, &document(1, "sleep 601"));
+    hub_sees(&site, "generation 1", |d| generation(d) == Some(1));
+
+    // Mosquitto comes back without the sessions, the retained desired state
+    // and the acks: the hub publishes them again when it reconnects, and the
+    // device sends again whatever was not acknowledged.
+    mosquitto.kill();
+    site.hub.set_desired(DEVICE, &document(2, "sleep 602"));
+    mosquitto.start();
+    hub_sees(&site, "generation 2 after the restart", |d| generation(d) == Some(2));
+    assert!(runs(&site.agent, "sleep 602"), "the device never ran `sleep 602`");
+    hub_has_applied(&site, &[1, 2]);
+
+    site.hub.set_desired(DEVICE, &document(3, "sleep 603"));
+    hub_sees(&site, "generation 3", |d| generation(d) == Some(3));
+    assert!(runs(&site.agent, "sleep 603"), "the device never ran `sleep 603`");
+    hub_has_applied(&site, &[1, 2, 3]);
+    every_event_reached_the_hub_once(&site);
 }

@@ -1,5 +1,6 @@
-//! Drives the real hub binary: `hub serve` with its embedded broker on
-//! loopback ports of its own, and the operator commands against its API.
+//! Drives the real hub binary: `hub serve` on a loopback port of its own,
+//! with its embedded broker or an external one, and the operator commands
+//! against its API.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,7 +18,7 @@ pub fn hub_binary() -> &'static Path {
     BINARY.get_or_init(|| crate::agent::build_binary("hub", "hub"))
 }
 
-/// A port free on loopback now (rumqttd cannot be handed a bound listener).
+/// A port free on loopback now (neither rumqttd nor mosquitto can be handed a bound listener).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
@@ -25,24 +26,37 @@ pub fn free_port() -> u16 {
 pub struct Hub {
     pub data: TempDir,
     pub http: SocketAddr,
+    /// Where devices connect: the embedded broker, or the external one.
     pub mqtt: SocketAddr,
     config: PathBuf,
     process: Mutex<Option<Child>>,
 }
 
 impl Hub {
-    /// A hub that knows `devices` (id, token).
+    /// A hub whose embedded broker knows `devices` (id, token).
     pub fn new(devices: &[(&str, &str)]) -> Self {
+        let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut broker = format!("broker = \"embedded\"\nmqtt-listen = \"{mqtt}\"\n[devices]\n");
+        for (id, token) in devices {
+            broker += &format!("{id} = \"{token}\"\n");
+        }
+        Self::start_with(mqtt, &broker)
+    }
+
+    /// A hub that logs in to the broker at `broker` as `username`; that
+    /// broker authenticates the devices itself.
+    pub fn external(broker: SocketAddr, username: &str, password: &str) -> Self {
+        Self::start_with(
+            broker,
+            &format!("broker = \"mqtt://{broker}\"\nbroker-username = {username:?}\nbroker-password = {password:?}\n"),
+        )
+    }
+
+    /// Writes the configuration, `broker` its broker's part, and starts the hub.
+    fn start_with(mqtt: SocketAddr, broker: &str) -> Self {
         let data = tempfile::Builder::new().prefix("outpost-hub-").tempdir().expect("temp dir");
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut config = format!(
-            "data-dir = {:?}\nhttp = \"{http}\"\nmqtt-listen = \"{mqtt}\"\n[devices]\n",
-            data.path().join("store")
-        );
-        for (id, token) in devices {
-            config += &format!("{id} = \"{token}\"\n");
-        }
+        let config = format!("data-dir = {:?}\nhttp = \"{http}\"\n{broker}", data.path().join("store"));
         let path = data.path().join("hub.toml");
         std::fs::write(&path, config).unwrap();
         let hub = Self { data, http, mqtt, config: path, process: Mutex::new(None) };

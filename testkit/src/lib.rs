@@ -6,9 +6,11 @@ pub mod agent;
 pub mod hub;
 pub mod image;
 pub mod layers;
+pub mod mosquitto;
 pub mod proxy;
 pub mod registry;
 
+pub use mosquitto::Mosquitto;
 pub use proxy::CuttingProxy;
 pub use registry::Registry;
 
