@@ -11,11 +11,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rumqttd::{ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
 use tokio::sync::oneshot;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
+
+use crate::config::UnknownDevices;
+use crate::store::Store;
 
 /// Room for a fleet of 10,000 devices and the hub (see above for how rumqttd copes).
 const MAX_CONNECTIONS: usize = 10_100;
@@ -39,11 +42,17 @@ pub enum BrokerError {
     Thread(std::io::Error),
 }
 
+/// The hub's store as the broker sees it. rumqttd's threads never end, so
+/// the hub takes the store back when it stops (and can open it again).
+pub type StoreHandle = Arc<RwLock<Option<Store>>>;
+
 /// Who may connect.
 pub struct Auth {
-    /// Device id -> token.
+    /// Device id -> token, from the configuration.
     pub devices: BTreeMap<String, String>,
-    pub allow_unknown_devices: bool,
+    /// Devices approved by an operator, and those held for approval.
+    pub store: StoreHandle,
+    pub unknown_devices: UnknownDevices,
     pub hub_user: String,
     pub hub_token: String,
     /// Devices are held off until the hub has subscribed: a message a device
@@ -169,31 +178,92 @@ impl Auth {
             warn!(client_id, user, "refused a device: its MQTT client id must be its device id (the user name)");
             return false;
         }
-        let known = match self.devices.get(user) {
-            Some(token) if same(password, token) => true,
-            Some(_) => {
-                warn!(device = user, "refused a device: wrong token");
+        let expected = match self.token_of(user) {
+            Ok(expected) => expected,
+            Err(e) => {
+                error!(device = user, "refused a device: {e}");
                 return false;
             }
-            None if !self.allow_unknown_devices => {
-                warn!(device = user, "refused an unknown device (allow-unknown-devices is off)");
-                return false;
-            }
-            None if !crate::registry::valid_device_id(user) => {
-                warn!(device = user, "refused an unknown device whose id is not valid");
-                return false;
-            }
-            None => false,
         };
+        let allowed = match &expected {
+            Some(Token::Plain(token)) => same(password, token),
+            Some(Token::Sha256(hash)) => same(&token_sha256(password), hash),
+            None => self.unknown_allowed(user, password),
+        };
+        if !allowed {
+            if expected.is_some() {
+                warn!(device = user, "refused a device: wrong token");
+            }
+            return false;
+        }
         if !self.hub_subscribed.load(Ordering::Acquire) {
             debug!(device = user, "held off a device until the hub has subscribed");
             return false;
         }
-        if !known {
-            warn!(device = user, "accepted an unknown device (allow-unknown-devices is on)");
-        }
         true
     }
+
+    /// The token a device must present: from the configuration, or the
+    /// one it presented when an operator approved it.
+    fn token_of(&self, id: &str) -> Result<Option<Token>, String> {
+        if let Some(token) = self.devices.get(id) {
+            return Ok(Some(Token::Plain(token.clone())));
+        }
+        let store = self.store.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let store = store.as_ref().ok_or("the hub is stopping")?;
+        Ok(store.approved_token(id).map_err(|e| e.to_string())?.map(Token::Sha256))
+    }
+
+    /// What `unknown-devices` says of a device without a matching token.
+    fn unknown_allowed(&self, id: &str, password: &str) -> bool {
+        if !crate::registry::valid_device_id(id) {
+            warn!(device = id, "refused an unknown device whose id is not valid");
+            return false;
+        }
+        match self.unknown_devices {
+            UnknownDevices::Refuse => {
+                warn!(device = id, "refused an unknown device (unknown-devices = \"refuse\")");
+                false
+            }
+            UnknownDevices::Accept => {
+                warn!(device = id, "accepted an unknown device (unknown-devices = \"accept\")");
+                true
+            }
+            UnknownDevices::Hold => {
+                let hash = token_sha256(password);
+                let store = self.store.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let Some(store) = store.as_ref() else { return false };
+                match store.hold(id, &hash, crate::sync::now_ms()) {
+                    // Devices retry every minute at most: tell the operator once per token.
+                    Ok(false) => {
+                        debug!(device = id, "a held device tried again");
+                        return false;
+                    }
+                    Ok(true) => {}
+                    Err(e) => {
+                        error!(device = id, "refused a device and could not hold it for approval: {e}");
+                        return false;
+                    }
+                }
+                warn!(
+                    device = id,
+                    token_sha256 = &hash[..12],
+                    "held an unknown device for approval: `hub pending` lists it, `hub approve {id}` lets it in"
+                );
+                false
+            }
+        }
+    }
+}
+
+enum Token {
+    Plain(String),
+    Sha256(String),
+}
+
+/// How the hub keeps an approved device's token: its sha256, hex.
+pub(crate) fn token_sha256(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Compares tokens in time that does not depend on where they differ.
@@ -205,19 +275,26 @@ fn same(given: &str, expected: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn auth(allow_unknown_devices: bool) -> Auth {
-        Auth {
+    fn auth(unknown_devices: UnknownDevices) -> (tempfile::TempDir, Auth) {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth {
             devices: BTreeMap::from([("pump-3".to_string(), "t0ken".to_string())]),
-            allow_unknown_devices,
+            store: Arc::new(RwLock::new(Some(Store::open(dir.path()).unwrap()))),
+            unknown_devices,
             hub_user: "outpost-hub".into(),
             hub_token: "hub-secret".into(),
             hub_subscribed: Arc::new(AtomicBool::new(true)),
-        }
+        };
+        (dir, auth)
+    }
+
+    fn store(auth: &Auth) -> Store {
+        auth.store.read().unwrap().clone().unwrap()
     }
 
     #[test]
     fn devices_need_their_own_token_and_their_id_as_client_id() {
-        let auth = auth(false);
+        let (_dir, auth) = auth(UnknownDevices::Refuse);
         assert!(auth.allows("pump-3", "pump-3", "t0ken"));
         assert!(!auth.allows("pump-3", "pump-3", "t0kem"));
         assert!(!auth.allows("pump-3", "pump-3", ""));
@@ -225,21 +302,43 @@ mod tests {
         assert!(!auth.allows("stranger", "stranger", "x"));
         assert!(auth.allows("outpost-hub", "outpost-hub", "hub-secret"));
         assert!(!auth.allows("outpost-hub", "outpost-hub", "t0ken"));
+        assert!(store(&auth).pending().unwrap().is_empty(), "refused, not held");
     }
 
     #[test]
-    fn unknown_devices_come_in_only_when_allowed_and_with_a_valid_id() {
-        let auth = auth(true);
+    fn unknown_devices_come_in_only_when_accepted_and_with_a_valid_id() {
+        let (_dir, auth) = auth(UnknownDevices::Accept);
         assert!(auth.allows("stranger", "stranger", "anything"));
         assert!(!auth.allows("a+b", "a+b", "anything"));
         assert!(!auth.allows("pump-3", "pump-3", "wrong"), "a known device still needs its token");
     }
 
     #[test]
+    fn a_held_device_comes_in_after_approval_with_the_token_it_presented_and_no_other() {
+        let (_dir, auth) = auth(UnknownDevices::Hold);
+        assert!(!auth.allows("cam-1", "cam-1", "first"));
+        assert!(!auth.allows("cam-1", "cam-1", "cam-secret"));
+        assert!(!auth.allows("a+b", "a+b", "x"), "an invalid id is not held");
+        let pending = store(&auth).pending().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].token_sha256, token_sha256("cam-secret"), "the token it presented last");
+
+        store(&auth).approve("cam-1").unwrap().unwrap();
+        assert!(auth.allows("cam-1", "cam-1", "cam-secret"));
+        assert!(!auth.allows("cam-1", "cam-1", "first"));
+        assert!(store(&auth).pending().unwrap().is_empty(), "a wrong token for an approved device is not held again");
+    }
+
+    #[test]
     fn devices_wait_until_the_hub_has_subscribed() {
-        let auth = auth(false);
+        let (_dir, auth) = auth(UnknownDevices::Refuse);
         auth.hub_subscribed.store(false, Ordering::Release);
         assert!(!auth.allows("pump-3", "pump-3", "t0ken"));
         assert!(auth.allows("outpost-hub", "outpost-hub", "hub-secret"));
+    }
+
+    #[test]
+    fn token_hashes_are_sha256_in_hex() {
+        assert_eq!(token_sha256("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

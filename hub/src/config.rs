@@ -25,9 +25,21 @@ pub struct Config {
     pub broker_password: String,
     pub topic_prefix: String,
     pub encoding: Encoding,
-    pub allow_unknown_devices: bool,
+    pub unknown_devices: UnknownDevices,
     /// Device id -> token.
     pub devices: BTreeMap<String, String>,
+}
+
+/// The `unknown-devices` key: what the embedded broker does with a device
+/// that is neither under `[devices]` nor approved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownDevices {
+    Refuse,
+    /// Refused, and listed for an operator to approve (`hub approve`).
+    Hold,
+    /// Accepted with any token: for a lab, never a fleet.
+    Accept,
 }
 
 /// The `broker` key: the hub's own broker, or one it connects to.
@@ -60,7 +72,7 @@ impl Default for Config {
             broker_password: String::new(),
             topic_prefix: Topics::DEFAULT_PREFIX.to_string(),
             encoding: Encoding::Cbor,
-            allow_unknown_devices: false,
+            unknown_devices: UnknownDevices::Refuse,
             devices: BTreeMap::new(),
         }
     }
@@ -84,6 +96,13 @@ impl Config {
         let prefix = self.topic_prefix.trim_matches('/');
         if prefix.is_empty() || prefix.contains(['+', '#']) {
             return invalid(format!("topic-prefix {:?} must be non-empty, without `+` or `#`", self.topic_prefix));
+        }
+        if self.unknown_devices != UnknownDevices::Refuse && self.broker != BrokerSetting::Embedded {
+            return invalid(format!(
+                "unknown-devices = {:?} needs the embedded broker: an external broker authenticates devices \
+                 itself (add them to its password file), so set unknown-devices = \"refuse\"",
+                self.unknown_devices
+            ));
         }
         for (id, token) in &self.devices {
             if !valid_device_id(id) {
@@ -173,5 +192,15 @@ mod tests {
         assert!(err.contains("http-listen"), "{err}");
         let err = Config::parse("topic-prefix = \"a/#\"\n").unwrap_err().to_string();
         assert!(err.contains("topic-prefix"), "{err}");
+        let err = Config::parse("unknown-devices = \"maybe\"\n").unwrap_err().to_string();
+        assert!(err.contains("refuse") && err.contains("hold"), "{err}");
+    }
+
+    #[test]
+    fn holding_unknown_devices_needs_the_embedded_broker() {
+        let config = Config::parse("unknown-devices = \"hold\"\n").unwrap();
+        assert_eq!(config.unknown_devices, UnknownDevices::Hold);
+        let err = Config::parse("unknown-devices = \"hold\"\nbroker = \"mqtt://10.0.0.2\"\n").unwrap_err().to_string();
+        assert!(err.contains("embedded broker") && err.contains("password file"), "{err}");
     }
 }

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-pub use config::{BrokerSetting, Config};
+pub use config::{BrokerSetting, Config, UnknownDevices};
 
 use broker::EmbeddedBroker;
 use store::Store;
@@ -35,6 +35,8 @@ pub struct Hub {
     config: Config,
     store: Store,
     broker: Option<(EmbeddedBroker, String)>,
+    /// The embedded broker's handle on the store, emptied when the hub stops.
+    broker_store: Option<broker::StoreHandle>,
     hub_subscribed: Arc<AtomicBool>,
 }
 
@@ -50,6 +52,8 @@ impl Hub {
         let store = Store::open(&config.data_dir)
             .with_context(|| format!("cannot open the hub's store in {:?}", config.data_dir))?;
         let hub_subscribed = Arc::new(AtomicBool::new(false));
+        let broker_store = matches!(config.broker, BrokerSetting::Embedded)
+            .then(|| Arc::new(std::sync::RwLock::new(Some(store.clone()))));
         let broker = match config.broker {
             BrokerSetting::External { .. } => None,
             BrokerSetting::Embedded => {
@@ -64,7 +68,8 @@ impl Hub {
                     device_filters: filters([Channel::Desired, Channel::Ack, Channel::Command]),
                     auth: broker::Auth {
                         devices: config.devices.clone(),
-                        allow_unknown_devices: config.allow_unknown_devices,
+                        store: broker_store.clone().expect("made for the embedded broker"),
+                        unknown_devices: config.unknown_devices,
                         hub_user: sync::HUB_CLIENT_ID.to_string(),
                         hub_token: hub_token.clone(),
                         hub_subscribed: hub_subscribed.clone(),
@@ -74,7 +79,7 @@ impl Hub {
                 Some((broker, hub_token))
             }
         };
-        Ok(Self { config, store, broker, hub_subscribed })
+        Ok(Self { config, store, broker, broker_store, hub_subscribed })
     }
 
     /// Where the embedded broker listens, if the hub runs one.
@@ -136,6 +141,9 @@ impl Hub {
         let _ = stop.send(true);
         let served = http.await.context("the HTTP server task failed")?;
         sync_tasks.join().await;
+        if let Some(handle) = &self.broker_store {
+            *handle.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        }
         served.context("the HTTP server failed")?;
         outcome
     }

@@ -54,6 +54,18 @@ pub struct Device {
     pub workloads: BTreeMap<String, WorkloadReport>,
 }
 
+/// A device refused while `unknown-devices = "hold"`, waiting for an
+/// operator. Only a hash of its token is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingDevice {
+    pub id: String,
+    /// sha256 of the token it presented last, hex.
+    pub token_sha256: String,
+    pub first_attempt: u64,
+    pub last_attempt: u64,
+    pub attempts: u64,
+}
+
 /// Flushes run one at a time, numbered from 1.
 #[derive(Default)]
 struct Flushes {
@@ -70,6 +82,9 @@ pub struct Store {
     desired: sled::Tree,
     /// Key: device id, `/`, sequence number (big-endian), so a device's events are one ordered range.
     events: sled::Tree,
+    /// Devices an operator approved: id -> sha256 (hex) of their token.
+    approved: sled::Tree,
+    pending: sled::Tree,
 }
 
 impl Store {
@@ -79,6 +94,8 @@ impl Store {
             devices: db.open_tree("devices")?,
             desired: db.open_tree("desired")?,
             events: db.open_tree("events")?,
+            approved: db.open_tree("approved")?,
+            pending: db.open_tree("pending")?,
             db,
             flushes: Arc::default(),
         })
@@ -193,6 +210,63 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The sha256 (hex) of an approved device's token.
+    pub fn approved_token(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.approved.get(id)?.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// Records an attempt of a held device; true when it is new, or came
+    /// with another token than last time.
+    pub fn hold(&self, id: &str, token_sha256: &str, now: u64) -> Result<bool, StoreError> {
+        let old = self.pending.fetch_and_update(id, |old| {
+            let mut pending = match old.map(serde_json::from_slice::<PendingDevice>) {
+                Some(Ok(pending)) => pending,
+                // Unreadable: start again; it is only a request.
+                _ => PendingDevice {
+                    id: id.to_string(),
+                    token_sha256: String::new(),
+                    first_attempt: now,
+                    last_attempt: now,
+                    attempts: 0,
+                },
+            };
+            token_sha256.clone_into(&mut pending.token_sha256);
+            pending.last_attempt = now;
+            pending.attempts += 1;
+            Some(encode(&pending))
+        })?;
+        let old = old.and_then(|bytes| serde_json::from_slice::<PendingDevice>(&bytes).ok());
+        Ok(old.is_none_or(|old| old.token_sha256 != token_sha256))
+    }
+
+    pub fn pending(&self) -> Result<Vec<PendingDevice>, StoreError> {
+        self.pending.iter().values().map(|bytes| decode(&bytes?, "a pending device")).collect()
+    }
+
+    /// Approves a held device with the token it presented last, in one
+    /// transaction; None when it is not pending.
+    pub fn approve(&self, id: &str) -> Result<Option<PendingDevice>, StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let outcome = (&self.pending, &self.approved).transaction(|(pending, approved)| {
+            let Some(bytes) = pending.remove(id)? else { return Ok(None) };
+            let record: PendingDevice = decode(&bytes, id).map_err(ConflictableTransactionError::Abort)?;
+            approved.insert(id, record.token_sha256.as_bytes())?;
+            Ok(Some(record))
+        });
+        match outcome {
+            Ok(record) => Ok(record),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Forgets a held device's request; false when there was none.
+    pub fn reject(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.pending.remove(id)?.is_some())
+    }
+}
+
 fn event_key(id: &str, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(id.len() + 9);
     key.extend_from_slice(id.as_bytes());
@@ -235,6 +309,28 @@ mod tests {
         let device = store.device("pump-3").unwrap().unwrap();
         assert_eq!((device.id.as_str(), device.report_seq), ("pump-3", 4));
         assert_eq!(store.devices().unwrap(), vec![device]);
+    }
+
+    #[test]
+    fn an_approved_device_keeps_the_token_it_presented_last_and_leaves_the_pending_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.approve("cam-1").unwrap(), None, "not pending");
+        assert!(store.hold("cam-1", "aaaa", 10).unwrap(), "new");
+        assert!(!store.hold("cam-1", "aaaa", 15).unwrap(), "the same again");
+        assert!(store.hold("cam-1", "bbbb", 20).unwrap(), "another token");
+        store.hold("cam-2", "cccc", 30).unwrap();
+        let pending = store.pending().unwrap();
+        assert_eq!(pending.len(), 2);
+        assert_eq!((pending[0].first_attempt, pending[0].last_attempt, pending[0].attempts), (10, 20, 3));
+
+        assert_eq!(store.approve("cam-1").unwrap().map(|p| p.token_sha256), Some("bbbb".into()));
+        assert_eq!(store.approved_token("cam-1").unwrap(), Some("bbbb".into()));
+        assert_eq!(store.pending().unwrap().iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["cam-2"]);
+
+        assert!(store.reject("cam-2").unwrap());
+        assert!(!store.reject("cam-2").unwrap());
+        assert_eq!(store.approved_token("cam-2").unwrap(), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod desired;
 mod devices;
 mod events;
+mod pending;
 
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +32,9 @@ pub(crate) fn router(store: Store, publisher: Publisher) -> Router {
         .route("/v1/devices/{id}/labels", axum::routing::put(devices::put_labels))
         .route("/v1/devices/{id}/desired", get(desired::get).put(desired::put))
         .route("/v1/devices/{id}/events", get(events::list))
+        .route("/v1/pending-devices", get(pending::list))
+        .route("/v1/pending-devices/{id}", axum::routing::delete(pending::reject))
+        .route("/v1/pending-devices/{id}/approve", axum::routing::post(pending::approve))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(AppState { store, publisher })

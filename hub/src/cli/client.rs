@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::api::DeviceView;
+use crate::store::PendingDevice;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -40,12 +41,26 @@ impl ApiClient {
 
     /// `base/v1/devices/...`, each segment escaped.
     fn url(&self, segments: &[&str]) -> Url {
+        self.v1(&[&["devices"], segments].concat())
+    }
+
+    /// `base/v1/...`, each segment escaped.
+    fn v1(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
-        url.path_segments_mut().expect("checked in new").pop_if_empty().push("v1").push("devices").extend(segments);
+        url.path_segments_mut().expect("checked in new").pop_if_empty().push("v1").extend(segments);
         url
     }
 
     async fn send<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T, ClientError> {
+        self.checked(request).await?.json().await.map_err(ClientError::Answer)
+    }
+
+    async fn send_no_content(&self, request: RequestBuilder) -> Result<(), ClientError> {
+        self.checked(request).await.map(drop)
+    }
+
+    /// Sends the request; an answer that is not a success becomes an error with the hub's message.
+    async fn checked(&self, request: RequestBuilder) -> Result<reqwest::Response, ClientError> {
         let url = self.base.to_string();
         let response = request.send().await.map_err(|source| ClientError::Unreachable { url, source })?;
         let status = response.status();
@@ -56,7 +71,7 @@ impl ApiClient {
             };
             return Err(ClientError::Api { status, message });
         }
-        response.json().await.map_err(ClientError::Answer)
+        Ok(response)
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {
@@ -82,6 +97,18 @@ impl ApiClient {
 
     pub async fn put_desired(&self, id: &str, state: &DesiredState) -> Result<DesiredState, ClientError> {
         self.send(self.http.put(self.url(&[id, "desired"])).json(state)).await
+    }
+
+    pub async fn pending(&self) -> Result<Vec<PendingDevice>, ClientError> {
+        self.send(self.http.get(self.v1(&["pending-devices"]))).await
+    }
+
+    pub async fn approve(&self, id: &str) -> Result<PendingDevice, ClientError> {
+        self.send(self.http.post(self.v1(&["pending-devices", id, "approve"]))).await
+    }
+
+    pub async fn reject(&self, id: &str) -> Result<(), ClientError> {
+        self.send_no_content(self.http.delete(self.v1(&["pending-devices", id]))).await
     }
 
     pub async fn put_labels(&self, id: &str, labels: &BTreeMap<String, String>) -> Result<DeviceView, ClientError> {

@@ -2,6 +2,7 @@
 //! that talk to a running hub over its HTTP API. `anyhow` lives here, at the
 //! edge; the library's errors are typed.
 
+mod approval;
 mod client;
 mod config;
 mod devices;
@@ -40,6 +41,12 @@ pub enum Command {
     SetDesired(set_desired::Args),
     /// Follow a device until it runs its desired state.
     Watch(watch::Args),
+    /// List the devices held for approval (unknown-devices = "hold").
+    Pending(approval::PendingArgs),
+    /// Let a held device in, with the token it presented.
+    Approve(approval::DeviceArgs),
+    /// Forget a held device's request.
+    Reject(approval::DeviceArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -56,6 +63,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Label(args) => label::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::SetDesired(args) => set_desired::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Watch(args) => watch::run(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Pending(args) => approval::pending(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Approve(args) => approval::approve(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Reject(args) => approval::reject(&ApiClient::new(&cli.hub_url)?, args).await,
         }
     })
 }

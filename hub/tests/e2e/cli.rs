@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::process::Output;
 
+use outpost_proto::sync::{Encoding, Topics};
 use tokio::process::Command;
 
 use crate::support::*;
@@ -97,4 +98,47 @@ async fn hub_config_default_prints_the_embedded_default_file() {
     let output = hub_cli("http://unused", &["config", "default"]).await;
     assert!(output.status.success());
     assert_eq!(stdout(&output), hub::config::DEFAULT_CONFIG);
+}
+
+#[tokio::test]
+async fn a_held_device_connects_once_the_operator_approves_it_and_only_with_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(hub::Config { unknown_devices: hub::UnknownDevices::Hold, ..config(dir.path()) }).await;
+    let connect = |token: &'static str| {
+        DeviceSimulator::connect_with(hub.mqtt, "cam-9", token, Topics::default(), Encoding::Json)
+    };
+    assert!(connect("cam-secret").await.is_none(), "an unknown device came in before approval");
+
+    let listed = hub_cli(&hub.api, &["pending"]).await;
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    // sha256("cam-secret"), first 12 hex digits: what the operator compares.
+    assert!(stdout(&listed).contains("cam-9") && stdout(&listed).contains("f82751c7d43c"), "{}", stdout(&listed));
+    let (status, _) = hub.get("/v1/devices/cam-9").await;
+    assert_eq!(status, 404, "a held device is not in the registry");
+
+    let approved = hub_cli(&hub.api, &["approve", "cam-9"]).await;
+    assert!(approved.status.success(), "{}", stderr(&approved));
+    let again = hub_cli(&hub.api, &["approve", "cam-9"]).await;
+    assert!(!again.status.success() && stderr(&again).contains("waits for approval"), "{}", stderr(&again));
+
+    assert!(connect("another-token").await.is_none(), "an approved device came in with another token");
+    let cam = connect("cam-secret").await.expect("the approved device comes in with its token");
+    cam.report(&report(1, true, 0, &[("cam", "running")], &[])).await;
+    hub.wait_for_device("cam-9", "its first report", |d| d["report_seq"] == 1).await;
+    let (_, pending) = hub.get("/v1/pending-devices").await;
+    assert_eq!(pending, serde_json::json!([]));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn rejecting_a_held_device_forgets_its_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(hub::Config { unknown_devices: hub::UnknownDevices::Hold, ..config(dir.path()) }).await;
+    let held = DeviceSimulator::connect_with(hub.mqtt, "cam-9", "x", Topics::default(), Encoding::Json).await;
+    assert!(held.is_none());
+    let rejected = hub_cli(&hub.api, &["reject", "cam-9"]).await;
+    assert!(rejected.status.success(), "{}", stderr(&rejected));
+    let listed = hub_cli(&hub.api, &["pending"]).await;
+    assert_eq!(stdout(&listed).trim(), "no device waits for approval");
+    hub.stop().await;
 }

@@ -27,7 +27,7 @@ async fn a_device_with_a_wrong_token_or_an_unknown_id_is_refused() {
 #[tokio::test]
 async fn an_unknown_device_comes_in_when_the_hub_allows_unknown_devices() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(hub::Config { allow_unknown_devices: true, ..config(dir.path()) }).await;
+    let hub = TestHub::start(hub::Config { unknown_devices: hub::UnknownDevices::Accept, ..config(dir.path()) }).await;
     let stranger = DeviceSimulator::connect(hub.mqtt, "stranger", "anything").await;
     stranger.report(&report(1, true, 0, &[("web", "running")], &[])).await;
     hub.wait_for_device("stranger", "its first report", |d| d["report_seq"] == 1).await;
