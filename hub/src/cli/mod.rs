@@ -6,6 +6,8 @@ mod client;
 mod config;
 mod devices;
 mod label;
+mod logs;
+mod restart;
 mod serve;
 mod set_desired;
 mod watch;
@@ -40,6 +42,10 @@ pub enum Command {
     SetDesired(set_desired::Args),
     /// Follow a device until it runs its desired state.
     Watch(watch::Args),
+    /// Restart a workload on a device.
+    Restart(restart::Args),
+    /// Print a workload's last log lines, asked from the device.
+    Logs(logs::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -56,6 +62,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Label(args) => label::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::SetDesired(args) => set_desired::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Watch(args) => watch::run(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Restart(args) => restart::run(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Logs(args) => logs::run(&ApiClient::new(&cli.hub_url)?, args).await,
         }
     })
 }
