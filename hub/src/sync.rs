@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::logs::SharedReplies;
 use crate::registry::{self, ReportOutcome};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// The hub's MQTT client id (and user name at its own broker); the
 /// configuration refuses a device of this name.
@@ -228,7 +228,7 @@ impl Applier {
         let payload = &publish.payload[..];
         let stored = match channel {
             Channel::Reported => decode::<Report>(payload).map(|report| {
-                self.follow_epoch(device, report.epoch, now)?;
+                self.follow_epoch(device, report.epoch, now, out)?;
                 let outcome = registry::apply_report(&self.store, device, &report, now)?;
                 if let ReportOutcome::Gap { full_report_command: Some(id) } = outcome {
                     info!(device, seq = report.seq, "a report is missing: asking the device for a full report");
@@ -238,7 +238,7 @@ impl Applier {
                 Ok(())
             }),
             Channel::Events => decode::<EventBatch>(payload).map(|batch| {
-                self.follow_epoch(device, batch.epoch, now)?;
+                self.follow_epoch(device, batch.epoch, now, out)?;
                 registry::store_events(&self.store, device, &batch, now)?;
                 out.acks.insert(device.to_string());
                 Ok(())
@@ -260,7 +260,7 @@ impl Applier {
         }
     }
 
-    fn follow_epoch(&self, device: &str, epoch: u64, now: u64) -> Result<(), crate::store::StoreError> {
+    fn follow_epoch(&self, device: &str, epoch: u64, now: u64, out: &mut Outgoing) -> Result<(), StoreError> {
         if registry::follow_epoch(&self.store, device, epoch, now)? {
             warn!(
                 device,
@@ -268,6 +268,9 @@ impl Applier {
                 "the device's store was reset (wiped, replaced, or its agent upgraded to one with epochs): its report \
                  and event numbers start again, its events so far are kept"
             );
+            // A wiped store lost its desired state, and the broker need not send the retained one
+            // again: rumqttd sends retained messages only on a subscription new to the session.
+            out.desired.insert(device.to_string());
         }
         Ok(())
     }
