@@ -196,7 +196,8 @@ impl Link<'_> {
             },
             Channel::Ack => match decode::<Ack>(payload) {
                 Ok(ack) if ack.epoch != self.epoch => {
-                    // Once or so per store reset (until the hub acks this store), so worth saying.
+                    // Rare enough to say: after a store reset, until the hub acks this store. (At every
+                    // ack behind a hub from before epochs, which is to be upgraded first.)
                     tracing::info!(
                         epoch = ack.epoch,
                         own = self.epoch,
@@ -315,7 +316,8 @@ fn diff(last: Option<&ReportedView>, now: &ReportedView, seq: u64) -> Report {
     report
 }
 
-/// The workload's last `tail` log lines, as many as `read_lines` gives;
+/// The workload's last `tail` log lines, but no more than one past the
+/// protocol's cap (`logs_reply` tells from it whether the cap left some out);
 /// an error says why there are none.
 fn read_workload_logs(supervisor: &Supervisor, name: &str, tail: usize) -> Result<Vec<String>, String> {
     let instance = supervisor.resolve(name).map_err(|e| match e {
@@ -323,7 +325,6 @@ fn read_workload_logs(supervisor: &Supervisor, name: &str, tail: usize) -> Resul
         e => e.to_string(),
     })?;
     let dir = supervisor.paths().workload(&instance).logs();
-    // One line past the cap, to tell whether the cap left any out.
     match read_lines(&dir, Some(tail.min(MAX_LOG_LINES + 1))) {
         Ok(lines) => Ok(lines),
         // Nothing written yet.
