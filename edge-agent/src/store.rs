@@ -1,5 +1,6 @@
 //! The agent's durable state: the desired state with each deployment's
-//! previous revision and local rollbacks, and the outbox of events for the hub.
+//! previous revision and local rollbacks, and the outbox of reports and
+//! events for the hub, numbered within the store's epoch.
 //!
 //! The only module that knows sled. Values are JSON. Every mutation is flushed
 //! before it returns, because callers acknowledge only after that. The desired
@@ -26,12 +27,14 @@ const MAX_EVENTS: u64 = 10_000;
 #[cfg(test)]
 const MAX_EVENTS: u64 = 50;
 /// The layout this code reads and writes; `Store::migrate` brings older ones up to it.
-const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_VERSION: u32 = 2;
 
 const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
 /// The last event number handed out: the events tree alone forgets it once every event is acked.
 const LAST_EVENT_SEQ_KEY: &[u8] = b"last_event_seq";
 const LAST_REPORT_SEQ_KEY: &[u8] = b"last_report_seq";
+/// Random, made once with the store: report and event numbers count within it.
+const EPOCH_KEY: &[u8] = b"epoch";
 /// The one key of the `desired` tree.
 const CURRENT_KEY: &[u8] = b"current";
 const SNAPSHOT_FILE: &str = "desired.json";
@@ -81,6 +84,9 @@ pub enum StoreError {
     )]
     ConflictingGeneration { generation: u64 },
 
+    #[error("cannot make the store's epoch: the system's random number generator failed")]
+    Random,
+
     #[error("the store holds an unreadable {what} ({detail}): the store is damaged")]
     Decode { what: &'static str, detail: String },
 
@@ -118,6 +124,8 @@ pub struct Store {
     reports: sled::Tree,
     events: sled::Tree,
     snapshot: PathBuf,
+    /// Read (or made) by `migrate`, which every open runs.
+    epoch: u64,
 }
 
 /// Why `open_db` failed: a store sled cannot read, or anything else (a lock,
@@ -136,7 +144,7 @@ impl Store {
         let snapshot = dir.with_file_name(SNAPSHOT_FILE);
         let reason = match open_db(dir, cache_bytes) {
             Ok(db) => {
-                let store = Store::with_db(db, snapshot.clone())?;
+                let mut store = Store::with_db(db, snapshot.clone())?;
                 let version = store.schema_version();
                 // Before anything else: a newer agent's store must survive a downgrade untouched.
                 if let Ok(Some(found)) = version {
@@ -179,6 +187,7 @@ impl Store {
             events: db.open_tree("events")?,
             db,
             snapshot,
+            epoch: 0,
         })
     }
 
@@ -217,12 +226,9 @@ impl Store {
             OpenFailure::Corrupt(source) => StoreError::Open { dir: dir.to_path_buf(), source },
             OpenFailure::Other(e) => e,
         })?;
-        let store = Store::with_db(db, snapshot.to_path_buf())?;
+        let mut store = Store::with_db(db, snapshot.to_path_buf())?;
+        // A new epoch: the hub counts this store's numbers afresh, apart from the lost one's.
         store.migrate()?;
-        // The events lost with the old store may already be at the hub under their numbers; the
-        // fresh sequence starts above any of them (the old one grew by one per event from 1).
-        store.meta.insert(LAST_EVENT_SEQ_KEY, encode(&unix_now_ms()))?;
-        store.db.flush()?;
         if let Some(state) = &state {
             store.set_desired(state)?;
         }
@@ -242,18 +248,32 @@ impl Store {
     }
 
     /// Brings a store written by an older agent to `SCHEMA_VERSION`, one version at a time.
-    fn migrate(&self) -> Result<(), StoreError> {
+    fn migrate(&mut self) -> Result<(), StoreError> {
         let found = self.schema_version()?.unwrap_or(0);
         for version in found..SCHEMA_VERSION {
             match version {
                 // Written before the schema had a version, or just created: version 1's layout.
                 0 => {}
+                // Version 2 numbers reports and events within an epoch. A store from before
+                // gets one now and keeps its numbers; the hub restarts its count once.
+                1 => {
+                    self.meta.insert(EPOCH_KEY, encode(&random_epoch()?))?;
+                }
                 _ => unreachable!("every version below SCHEMA_VERSION has a step"),
             }
             self.meta.insert(SCHEMA_VERSION_KEY, encode(&(version + 1)))?;
         }
         self.db.flush()?;
+        self.epoch = match self.meta.get(EPOCH_KEY)? {
+            Some(bytes) => decode("epoch", &bytes)?,
+            None => return Err(StoreError::Decode { what: "epoch", detail: "it is missing".into() }),
+        };
         Ok(())
+    }
+
+    /// This store's epoch: never 0, which stands for "before epochs" in the protocol.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn desired(&self) -> Result<Option<DesiredState>, StoreError> {
@@ -528,6 +548,13 @@ fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, St
     serde_json::from_slice(bytes).map_err(|e| StoreError::Decode { what, detail: e.to_string() })
 }
 
+fn random_epoch() -> Result<u64, StoreError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| StoreError::Random)?;
+    Ok(u64::from_le_bytes(bytes).max(1))
+}
+
 fn unix_now() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
@@ -721,7 +748,8 @@ mod tests {
             let path = dir.path().join("store");
             let store = open(&path);
             store.set_desired(&state(7, &[("app", 3)])).unwrap();
-            let last = store.push_event(applied(7)).unwrap().seq;
+            store.push_event(applied(7)).unwrap();
+            let old_epoch = store.epoch();
             drop(store);
             std::fs::write(path.join(file), vec![0xa5; 4096]).unwrap();
 
@@ -731,7 +759,7 @@ mod tests {
             assert!(recovered.moved_to.file_name().unwrap().to_str().unwrap().starts_with("store.corrupt-"));
             assert!(recovered.moved_to.join(file).exists(), "the damaged files are kept to look at");
             assert_eq!(store.desired().unwrap(), Some(state(7, &[("app", 3)])));
-            assert!(store.push_event(applied(8)).unwrap().seq > last, "an event number the hub has seen");
+            assert_ne!(store.epoch(), old_epoch, "the hub must count the fresh store's numbers afresh");
             drop(store);
             assert!(Store::open(&path, CACHE).unwrap().1.is_none(), "the fresh store opens as it is");
         }
@@ -800,15 +828,15 @@ mod tests {
         drop(store);
 
         let err = Store::open(&path, CACHE).err().unwrap();
-        assert!(matches!(err, StoreError::NewerSchema { found: 2, supported: 1, .. }), "{err}");
+        assert!(matches!(err, StoreError::NewerSchema { found: 3, supported: 2, .. }), "{err}");
         assert!(err.to_string().contains("newer edge-agent"), "{err}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "nothing moved");
         let again = Store::open(&path, CACHE).err().unwrap();
-        assert!(matches!(again, StoreError::NewerSchema { found: 2, .. }), "not stamped over: {again}");
+        assert!(matches!(again, StoreError::NewerSchema { found: 3, .. }), "not stamped over: {again}");
     }
 
     #[test]
-    fn v0_store_without_a_version_is_migrated_and_stamped_1() {
+    fn v0_store_without_a_version_is_migrated_and_stamped_2() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         let db = sled::open(&path).unwrap();
@@ -817,7 +845,40 @@ mod tests {
         drop(db);
 
         let store = open(&path);
-        assert_eq!(store.schema_version().unwrap(), Some(1));
+        assert_eq!(store.schema_version().unwrap(), Some(2));
         assert_eq!(store.desired().unwrap(), Some(state(3, &[("app", 2)])));
+        assert_ne!(store.epoch(), 0);
+    }
+
+    #[test]
+    fn the_epoch_is_made_once_and_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let epoch = open(&path).epoch();
+        assert_ne!(epoch, 0, "0 means an agent from before epochs");
+        assert_eq!(open(&path).epoch(), epoch);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(open(&other.path().join("store")).epoch(), epoch, "another store, another epoch");
+    }
+
+    #[test]
+    fn v1_store_gets_an_epoch_and_keeps_its_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            // The tree holds the database open too: both go before the store opens.
+            let db = sled::open(&path).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(SCHEMA_VERSION_KEY, encode(&1u32)).unwrap();
+            meta.insert(LAST_EVENT_SEQ_KEY, encode(&41u64)).unwrap();
+            meta.insert(LAST_REPORT_SEQ_KEY, encode(&7u64)).unwrap();
+            db.flush().unwrap();
+        }
+
+        let store = open(&path);
+        assert_eq!(store.schema_version().unwrap(), Some(2));
+        assert_ne!(store.epoch(), 0);
+        assert_eq!(store.push_event(applied(1)).unwrap().seq, 42);
+        assert_eq!(store.push_report(|_| Vec::new()).unwrap(), 8);
     }
 }

@@ -5,8 +5,15 @@
 //! events stay there until the hub's `Ack` (published after the hub stored
 //! them) covers them, and everything not yet covered is sent again after each
 //! reconnect. The hub drops duplicates by sequence number, so each report and
-//! event counts once. A desired state is acknowledged by the reports'
-//! `generation` only after it is stored and flushed.
+//! event counts once. The numbers count within the store's epoch: an ack of
+//! another epoch (the hub's retained ack of a store since wiped) is ignored,
+//! as it would delete this store's messages under the same numbers. A
+//! desired state is acknowledged by the reports' `generation` only after it
+//! is stored and flushed.
+//!
+//! Logs asked for with `send-logs` go straight out, never through the
+//! outbox: they answer a live request, which the operator makes again if the
+//! reply is lost.
 //!
 //! Nothing here can stop a workload: without a link the device runs its last
 //! desired state, and the link comes back on its own, with exponential
@@ -17,14 +24,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_proto::sync::{
-    decode, encode, Ack, Channel, Command, CommandMessage, DesiredMessage, Encoding, EventBatch, Presence, Report,
-    Topics, WorkloadReport, PROTOCOL_VERSION,
+    decode, encode, Ack, Channel, Command, CommandMessage, DesiredMessage, Encoding, EventBatch, LogsMessage, Presence,
+    Report, Topics, WorkloadReport, MAX_LOG_BYTES, MAX_LOG_LINES, PROTOCOL_VERSION,
 };
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::Notify;
 
 use crate::daemon;
-use crate::runtime::Supervisor;
+use crate::runtime::logs::read_lines;
+use crate::runtime::{RuntimeError, Supervisor};
 use crate::store::Store;
 
 /// Events per message when the outbox is sent again.
@@ -81,7 +89,9 @@ pub async fn run(
             true,
         ));
     let (client, mut events) = AsyncClient::new(options, 256);
-    let mut link = Link { settings: &settings, store, supervisor, kick, client, sent_events: 0, last_view: None };
+    let epoch = store.epoch();
+    let mut link =
+        Link { settings: &settings, store, epoch, supervisor, kick, client, sent_events: 0, last_view: None };
     let mut backoff = Duration::from_secs(1);
     let mut tick = tokio::time::interval(settings.report_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -117,6 +127,8 @@ fn jitter(base: Duration) -> Duration {
 struct Link<'a> {
     settings: &'a SyncSettings,
     store: Arc<Store>,
+    /// The store's epoch, which every report and event batch carries.
+    epoch: u64,
     supervisor: Supervisor,
     kick: Arc<Notify>,
     client: AsyncClient,
@@ -183,6 +195,16 @@ impl Link<'_> {
                 Err(e) => tracing::warn!("dropped a desired state that does not decode: {e}"),
             },
             Channel::Ack => match decode::<Ack>(payload) {
+                Ok(ack) if ack.epoch != self.epoch => {
+                    // Rare enough to say: after a store reset, until the hub acks this store. (At every
+                    // ack behind a hub from before epochs, which is to be upgraded first.)
+                    tracing::info!(
+                        epoch = ack.epoch,
+                        own = self.epoch,
+                        "ignored the hub's ack of another store (epoch {}): it does not cover this store's messages",
+                        ack.epoch
+                    );
+                }
                 Ok(ack) => {
                     let store = self.store.clone();
                     blocking(move || store.ack_events(ack.events).and_then(|_| store.ack_reports(ack.reports))).await;
@@ -190,14 +212,14 @@ impl Link<'_> {
                 Err(e) => tracing::warn!("dropped an ack that does not decode: {e}"),
             },
             Channel::Command => match decode::<CommandMessage>(payload) {
-                Ok(message) => self.on_command(message.command).await,
+                Ok(message) => self.on_command(message.id, message.command).await,
                 Err(e) => tracing::warn!("dropped a command that does not decode: {e}"),
             },
-            Channel::Reported | Channel::Events | Channel::Presence => {}
+            Channel::Reported | Channel::Events | Channel::Presence | Channel::Logs => {}
         }
     }
 
-    async fn on_command(&mut self, command: Command) {
+    async fn on_command(&mut self, id: u64, command: Command) {
         match command {
             Command::FullReport => self.last_view = None,
             Command::RestartWorkload { name } => {
@@ -212,8 +234,16 @@ impl Link<'_> {
                 }
                 self.kick.notify_one();
             }
-            Command::SendLogs { name, .. } => {
-                tracing::warn!(workload = %name, "the hub asked for logs; this agent cannot send them yet");
+            Command::SendLogs { name, tail } => {
+                let supervisor = self.supervisor.clone();
+                let workload = name.clone();
+                let read = tokio::task::spawn_blocking(move || read_workload_logs(&supervisor, &workload, tail)).await;
+                let read = read.unwrap_or_else(|e| Err(format!("reading the logs failed: {e}")));
+                let message = logs_reply(id, name, read, tail);
+                let payload = encode(self.settings.encoding, &message);
+                if let Err(e) = self.client.try_publish(self.topic(Channel::Logs), QoS::AtLeastOnce, false, payload) {
+                    tracing::warn!(command = id, "the logs the hub asked for were not sent: {e}");
+                }
             }
         }
     }
@@ -234,10 +264,12 @@ impl Link<'_> {
             let report = diff(self.last_view.as_ref(), &view, 0);
             let encoding = self.settings.encoding;
             let (store, queued) = (self.store.clone(), report.clone());
+            let epoch = self.epoch;
             let seq =
-                blocking(move || store.push_report(|seq| encode(encoding, &Report { seq, ..queued.clone() }))).await;
+                blocking(move || store.push_report(|seq| encode(encoding, &Report { epoch, seq, ..queued.clone() })))
+                    .await;
             if let Some(seq) = seq {
-                self.publish(Channel::Reported, encode(encoding, &Report { seq, ..report }), false);
+                self.publish(Channel::Reported, encode(encoding, &Report { epoch, seq, ..report }), false);
                 self.last_view = Some(view);
             }
         }
@@ -249,7 +281,7 @@ impl Link<'_> {
         let after = self.sent_events;
         let Some(events) = blocking(move || store.events_after(after, EVENTS_PER_BATCH * 10)).await else { return };
         for batch in events.chunks(EVENTS_PER_BATCH) {
-            let message = EventBatch { v: PROTOCOL_VERSION, events: batch.to_vec() };
+            let message = EventBatch { v: PROTOCOL_VERSION, epoch: self.epoch, events: batch.to_vec() };
             self.publish(Channel::Events, encode(self.settings.encoding, &message), false);
             self.sent_events = batch.last().map(|e| e.seq).unwrap_or(self.sent_events);
         }
@@ -260,6 +292,7 @@ impl Link<'_> {
 fn diff(last: Option<&ReportedView>, now: &ReportedView, seq: u64) -> Report {
     let mut report = Report {
         v: PROTOCOL_VERSION,
+        epoch: 0,
         seq,
         full: last.is_none(),
         generation: now.generation,
@@ -281,6 +314,52 @@ fn diff(last: Option<&ReportedView>, now: &ReportedView, seq: u64) -> Report {
         }
     }
     report
+}
+
+/// The workload's last `tail` log lines, but no more than one past the
+/// protocol's cap (`logs_reply` tells from it whether the cap left some out);
+/// an error says why there are none.
+fn read_workload_logs(supervisor: &Supervisor, name: &str, tail: usize) -> Result<Vec<String>, String> {
+    let instance = supervisor.resolve(name).map_err(|e| match e {
+        RuntimeError::NotFound(_) => format!("no workload named {name:?} on this device"),
+        e => e.to_string(),
+    })?;
+    let dir = supervisor.paths().workload(&instance).logs();
+    match read_lines(&dir, Some(tail.min(MAX_LOG_LINES + 1))) {
+        Ok(lines) => Ok(lines),
+        // Nothing written yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(format!("cannot read the logs in {}: {e}", dir.display())),
+    }
+}
+
+/// The reply to `send-logs`: the newest of `read` lines within `tail` and
+/// the protocol's limits, saying when the limits left out some.
+fn logs_reply(command: u64, workload: String, read: Result<Vec<String>, String>, tail: usize) -> LogsMessage {
+    let mut message =
+        LogsMessage { v: PROTOCOL_VERSION, command, workload, lines: Vec::new(), truncated: false, error: None };
+    let mut lines = match read {
+        Ok(lines) => lines,
+        Err(e) => {
+            message.error = Some(e);
+            return message;
+        }
+    };
+    let asked = lines.len().min(tail);
+    let mut bytes = 0;
+    let kept = lines
+        .iter()
+        .rev()
+        .take(asked.min(MAX_LOG_LINES))
+        .take_while(|line| {
+            bytes += line.len();
+            bytes <= MAX_LOG_BYTES
+        })
+        .count();
+    lines.drain(..lines.len() - kept);
+    message.truncated = kept < asked;
+    message.lines = lines;
+    message
 }
 
 fn current_workloads(supervisor: &Supervisor) -> BTreeMap<String, WorkloadReport> {
@@ -361,6 +440,40 @@ mod tests {
         assert_eq!(names, ["a", "c"]);
         assert_eq!(delta.removed, ["b"]);
         assert!(delta.agent_version.is_empty(), "the version goes with full reports only");
+    }
+
+    fn numbered(n: usize) -> Vec<String> {
+        (1..=n).map(|i| format!("line {i}")).collect()
+    }
+
+    #[test]
+    fn a_logs_reply_carries_the_last_lines_asked_for() {
+        let reply = logs_reply(7, "web".into(), Ok(numbered(5)), 2);
+        assert_eq!((reply.command, reply.workload.as_str()), (7, "web"));
+        assert_eq!(reply.lines, ["line 4", "line 5"]);
+        assert!(!reply.truncated, "what was asked for is all there");
+        let short = logs_reply(7, "web".into(), Ok(numbered(3)), 100);
+        assert_eq!((short.lines.len(), short.truncated), (3, false), "a short log is not truncated");
+    }
+
+    #[test]
+    fn a_logs_reply_past_the_caps_keeps_the_newest_lines_and_says_so() {
+        let reply = logs_reply(1, "web".into(), Ok(numbered(MAX_LOG_LINES + 1)), usize::MAX);
+        assert_eq!(reply.lines.len(), MAX_LOG_LINES);
+        assert_eq!(reply.lines.last().unwrap(), &format!("line {}", MAX_LOG_LINES + 1));
+        assert!(reply.truncated);
+
+        let long = vec!["x".repeat(MAX_LOG_BYTES / 4); 5];
+        let reply = logs_reply(1, "web".into(), Ok(long), 5);
+        assert_eq!(reply.lines.len(), 4, "the fifth line would pass the byte cap");
+        assert!(reply.truncated);
+    }
+
+    #[test]
+    fn a_logs_reply_for_an_unknown_workload_carries_the_error_and_no_lines() {
+        let reply = logs_reply(3, "nope".into(), Err("no workload named \"nope\" on this device".into()), 10);
+        assert!(reply.lines.is_empty());
+        assert_eq!(reply.error.as_deref(), Some("no workload named \"nope\" on this device"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outpost_proto::sync::{decode, Ack, CommandMessage, DesiredMessage, EventBatch, Presence, Report};
+use outpost_proto::sync::{decode, Ack, CommandMessage, DesiredMessage, EventBatch, LogsMessage, Presence, Report};
 
 fuzz_target!(|data: &[u8]| {
     let _ = decode::<DesiredMessage>(data).map(|m| m.state.validate());
@@ -12,4 +12,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = decode::<Report>(data);
     let _ = decode::<EventBatch>(data);
     let _ = decode::<Presence>(data);
+    let _ = decode::<LogsMessage>(data);
 });

@@ -26,8 +26,10 @@ const MAX_CONNECTIONS: usize = 10_100;
 const MAX_PAYLOAD: usize = 256 * 1024;
 /// rumqttd keeps each subscription's messages in memory segments, dropping
 /// the oldest segment when full: a reader further behind skips ahead and
-/// loses messages. Reports, events and presence from every device go to the
-/// hub's three subscriptions: room for a burst from the whole fleet.
+/// loses messages. Reports, events, presence and logs replies from every
+/// device go to the hub's four subscriptions, each filter with segments of
+/// its own: room for a burst from the whole fleet (or for 16 logs replies of
+/// 64 KiB at once).
 const FLEET_SEGMENT: SegmentConfig = SegmentConfig { max_segment_size: 1 << 20, max_segment_count: 2 };
 /// Each device's desired, ack and command topics: only the newest message
 /// matters (desired states and acks are retained and cumulative), so the

@@ -10,6 +10,7 @@ pub mod api;
 mod broker;
 pub mod cli;
 pub mod config;
+mod logs;
 mod registry;
 mod store;
 mod sync;
@@ -61,11 +62,11 @@ impl Hub {
                 registry::mark_all_offline(&store)?;
                 let hub_token = random_token()?;
                 let topics = Topics::new(&config.topic_prefix);
-                let filters = |channels: [Channel; 3]| channels.iter().map(|&c| topics.all(c)).collect();
+                let filters = |channels: &[Channel]| channels.iter().map(|&c| topics.all(c)).collect();
                 let broker = EmbeddedBroker::start(broker::Settings {
                     listen: config.mqtt_listen,
-                    fleet_filters: filters([Channel::Reported, Channel::Events, Channel::Presence]),
-                    device_filters: filters([Channel::Desired, Channel::Ack, Channel::Command]),
+                    fleet_filters: filters(&sync::FROM_DEVICES),
+                    device_filters: filters(&[Channel::Desired, Channel::Ack, Channel::Command]),
                     auth: broker::Auth {
                         devices: config.devices.clone(),
                         store: broker_store.clone().expect("made for the embedded broker"),
@@ -111,11 +112,12 @@ impl Hub {
             encoding: self.config.encoding,
         };
         let (stop, stopping) = watch::channel(false);
+        let logs = logs::SharedReplies::default();
         let (publisher, sync_tasks) =
-            sync::start(settings, self.store.clone(), self.hub_subscribed.clone(), stopping.clone());
+            sync::start(settings, self.store.clone(), logs.clone(), self.hub_subscribed.clone(), stopping.clone());
 
         info!("HTTP API listening on {}", http_listener.local_addr()?);
-        let app = api::router(self.store.clone(), publisher);
+        let app = api::router(self.store.clone(), publisher, logs);
         let mut http_stopping = stopping.clone();
         let http = tokio::spawn(
             axum::serve(http_listener, app)

@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 
 use outpost_proto::desired::DesiredStateError;
-use outpost_proto::sync::{Ack, EventBatch, Presence, Report, PROTOCOL_VERSION};
+use outpost_proto::sync::{
+    Ack, Command, CommandMessage, EventBatch, Presence, Report, MAX_LOG_LINES, PROTOCOL_VERSION,
+};
 use outpost_proto::DesiredState;
+use outpost_proto::Event;
 
 use crate::store::{Device, Store, StoreError};
 
@@ -31,8 +34,35 @@ pub enum ReportOutcome {
     Gap { full_report_command: Option<u64> },
 }
 
+/// Follows the device to the store epoch a message of it carries. A new
+/// epoch after numbers of another means the device's store was wiped or
+/// replaced (or its agent upgraded to one with epochs) and numbers again
+/// from 1: the hub counts afresh, and the view is stale until a full report.
+/// The events stored stay, and the new ones are numbered after them. Epoch 0
+/// says nothing (an agent, or an outbox entry, from before epochs): the
+/// numbers go on. Returns whether the numbering started afresh.
+pub fn follow_epoch(store: &Store, id: &str, epoch: u64, now: u64) -> Result<bool, StoreError> {
+    store.update_device(id, |device| {
+        if epoch == 0 || epoch == device.epoch {
+            return false;
+        }
+        let counted = device.epoch != 0 || device.report_seq > 0 || device.event_seq > 0;
+        device.epoch = epoch;
+        if !counted {
+            return false;
+        }
+        device.event_offset = device.event_offset.saturating_add(device.event_seq);
+        device.event_seq = 0;
+        device.report_seq = 0;
+        device.stale = true;
+        device.full_report_requested_at = None;
+        device.store_reset_at = Some(now);
+        true
+    })
+}
+
 /// Applies a device's report to its view, by the sequence-number rules of
-/// the protocol (docs/protocol.md).
+/// the protocol (docs/protocol.md). `follow_epoch` comes first.
 pub fn apply_report(store: &Store, id: &str, report: &Report, now: u64) -> Result<ReportOutcome, StoreError> {
     store.update_device(id, |device| {
         seen(device, now);
@@ -74,9 +104,11 @@ pub fn apply_report(store: &Store, id: &str, report: &Report, now: u64) -> Resul
 }
 
 /// Stores the events numbered above the last stored one (events arrive in
-/// order, so anything at or below it was stored already); returns how many.
+/// order, so anything at or below it was stored already), numbered after the
+/// events of the device's earlier epochs; returns how many. `follow_epoch`
+/// comes first.
 pub fn store_events(store: &Store, id: &str, batch: &EventBatch, now: u64) -> Result<usize, StoreError> {
-    let last = store.device(id)?.map_or(0, |d| d.event_seq);
+    let (last, offset) = store.device(id)?.map_or((0, 0), |d| (d.event_seq, d.event_offset));
     let mut newest = last;
     let fresh: Vec<_> = batch
         .events
@@ -86,7 +118,7 @@ pub fn store_events(store: &Store, id: &str, batch: &EventBatch, now: u64) -> Re
             newest = newest.max(event.seq);
             fresh
         })
-        .cloned()
+        .map(|event| Event { seq: offset.saturating_add(event.seq), ..event.clone() })
         .collect();
     // Events first: if the hub stops in between, the device sends them
     // again and storing one twice keeps one copy.
@@ -121,7 +153,47 @@ pub fn mark_all_offline(store: &Store) -> Result<(), StoreError> {
 
 /// What the hub tells a device it has stored.
 pub fn ack(device: &Device) -> Ack {
-    Ack { v: PROTOCOL_VERSION, events: device.event_seq, reports: device.report_seq }
+    Ack { v: PROTOCOL_VERSION, epoch: device.epoch, events: device.event_seq, reports: device.report_seq }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("device id {0:?} is not valid: use letters, digits, `.`, `_` and `-`")]
+    InvalidId(String),
+    #[error("no device {0:?}: it has not connected, and has no labels or desired state")]
+    UnknownDevice(String),
+    #[error("the command needs the name of a workload")]
+    NoWorkload,
+    #[error("tail {0} is not between 1 and {MAX_LOG_LINES} (a device sends at most {MAX_LOG_LINES} lines)")]
+    Tail(usize),
+    #[error("full-report is not an operator's command: the hub asks for one itself when it misses a report")]
+    FullReport,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An operator's command for a device the hub knows, checked and numbered
+/// with the device's next command id: ready to publish.
+pub fn command(store: &Store, id: &str, command: Command) -> Result<CommandMessage, CommandError> {
+    if !valid_device_id(id) {
+        return Err(CommandError::InvalidId(id.to_string()));
+    }
+    match &command {
+        Command::FullReport => return Err(CommandError::FullReport),
+        Command::RestartWorkload { name } | Command::SendLogs { name, .. } if name.is_empty() => {
+            return Err(CommandError::NoWorkload)
+        }
+        Command::SendLogs { tail, .. } if !(1..=MAX_LOG_LINES).contains(tail) => return Err(CommandError::Tail(*tail)),
+        Command::RestartWorkload { .. } | Command::SendLogs { .. } => {}
+    }
+    if store.device(id)?.is_none() {
+        return Err(CommandError::UnknownDevice(id.to_string()));
+    }
+    let number = store.update_device(id, |device| {
+        device.command_id += 1;
+        device.command_id
+    })?;
+    Ok(CommandMessage { v: PROTOCOL_VERSION, id: number, command })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +285,7 @@ mod tests {
     fn report(seq: u64, full: bool, workloads: &[(&str, &str)], removed: &[&str]) -> Report {
         Report {
             v: PROTOCOL_VERSION,
+            epoch: 0,
             seq,
             full,
             generation: Some(seq),
@@ -230,7 +303,7 @@ mod tests {
     fn events(seqs: &[u64]) -> EventBatch {
         let events =
             seqs.iter().map(|&seq| Event { seq, at: 0, kind: EventKind::Applied { generation: seq } }).collect();
-        EventBatch { v: PROTOCOL_VERSION, events }
+        EventBatch { v: PROTOCOL_VERSION, epoch: 0, events }
     }
 
     #[test]
@@ -244,7 +317,7 @@ mod tests {
         let device = store.device("d").unwrap().unwrap();
         assert_eq!((device.report_seq, device.generation, device.stale), (2, Some(2), false));
         assert_eq!((device.first_seen, device.last_seen), (Some(10), Some(20)));
-        assert_eq!(ack(&device), Ack { v: PROTOCOL_VERSION, events: 0, reports: 2 });
+        assert_eq!(ack(&device), Ack { v: PROTOCOL_VERSION, epoch: 0, events: 0, reports: 2 });
         // A full report drops what it does not list.
         apply_report(&store, "d", &report(3, true, &[("web", "exited")], &[]), 30).unwrap();
         assert_eq!(view(&store), [("web".into(), "exited".into())]);
@@ -305,6 +378,103 @@ mod tests {
         let seqs: Vec<u64> = store.events("d", 0, 100).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [1, 2, 3, 4, 7, 8]);
         assert_eq!(ack(&store.device("d").unwrap().unwrap()).events, 8);
+    }
+
+    /// What the applier does with a report or an event batch of an epoch.
+    fn receive_report(store: &Store, epoch: u64, report: Report) -> ReportOutcome {
+        follow_epoch(store, "d", epoch, 500).unwrap();
+        apply_report(store, "d", &Report { epoch, ..report }, 500).unwrap()
+    }
+
+    fn receive_events(store: &Store, epoch: u64, seqs: &[u64]) -> usize {
+        follow_epoch(store, "d", epoch, 500).unwrap();
+        store_events(store, "d", &EventBatch { epoch, ..events(seqs) }, 500).unwrap()
+    }
+
+    fn stored_events(store: &Store) -> Vec<(u64, u64)> {
+        let events = store.events("d", 0, 100).unwrap();
+        events
+            .iter()
+            .map(|e| match e.kind {
+                EventKind::Applied { generation } => (e.seq, generation),
+                _ => unreachable!("the tests store applied events"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_epoch_starts_the_numbering_afresh_and_keeps_the_stored_events() {
+        let (_dir, store) = store();
+        assert_eq!(receive_events(&store, 7, &[1, 2, 3]), 3);
+        assert_eq!(receive_report(&store, 7, report(4, true, &[("web", "running")], &[])), ReportOutcome::Applied);
+        assert_eq!(store.device("d").unwrap().unwrap().store_reset_at, None, "a first epoch is no reset");
+
+        // The store was wiped: epoch 9 numbers from 1 again, below what epoch 7 reached.
+        assert!(follow_epoch(&store, "d", 9, 600).unwrap());
+        let device = store.device("d").unwrap().unwrap();
+        assert_eq!((device.epoch, device.report_seq, device.event_seq), (9, 0, 0));
+        assert_eq!((device.stale, device.store_reset_at), (true, Some(600)), "the view is the old store's");
+        assert_eq!(ack(&device), Ack { v: PROTOCOL_VERSION, epoch: 9, events: 0, reports: 0 });
+
+        assert_eq!(receive_events(&store, 9, &[1, 2]), 2, "not taken for duplicates");
+        assert_eq!(receive_report(&store, 9, report(1, true, &[("db", "running")], &[])), ReportOutcome::Applied);
+        assert_eq!(view(&store), [("db".into(), "running".into())]);
+        let device = store.device("d").unwrap().unwrap();
+        assert_eq!((device.report_seq, device.event_seq, device.stale), (1, 2, false));
+        // Each event once, in the order they came: the new ones numbered after the old ones.
+        assert_eq!(stored_events(&store), [(1, 1), (2, 2), (3, 3), (4, 1), (5, 2)]);
+        assert_eq!(receive_events(&store, 9, &[2, 3]), 1);
+        assert_eq!(stored_events(&store).last(), Some(&(6, 3)));
+    }
+
+    #[test]
+    fn a_delta_first_after_a_new_epoch_asks_for_a_full_report() {
+        let (_dir, store) = store();
+        receive_report(&store, 7, report(5, true, &[("web", "running")], &[]));
+        let outcome = receive_report(&store, 9, report(2, false, &[("web", "exited")], &[]));
+        assert_eq!(outcome, ReportOutcome::Gap { full_report_command: Some(1) });
+        assert_eq!(view(&store), [("web".into(), "running".into())], "not applied over the old store's view");
+    }
+
+    #[test]
+    fn epoch_0_is_no_epoch_and_the_numbers_go_on() {
+        let (_dir, store) = store();
+        // An agent from before epochs.
+        receive_events(&store, 0, &[1, 2]);
+        receive_report(&store, 0, report(1, true, &[("web", "running")], &[]));
+        assert_eq!(store.device("d").unwrap().unwrap().epoch, 0);
+        // Upgraded: its store gets an epoch. The hub cannot tell this from a wipe, so it counts afresh.
+        assert!(follow_epoch(&store, "d", 7, 600).unwrap());
+        assert_eq!(receive_report(&store, 7, report(2, true, &[("web", "running")], &[])), ReportOutcome::Applied);
+        // A report queued before the upgrade, sent again without an epoch: it counts in the current one.
+        assert!(!follow_epoch(&store, "d", 0, 700).unwrap());
+        assert_eq!(receive_report(&store, 0, report(2, false, &[], &[])), ReportOutcome::Duplicate);
+        assert_eq!(store.device("d").unwrap().unwrap().epoch, 7);
+    }
+
+    #[test]
+    fn an_operators_command_is_checked_and_numbered_per_device() {
+        let (_dir, store) = store();
+        let logs = |tail| Command::SendLogs { name: "web".into(), tail };
+        let err = command(&store, "d", logs(10)).unwrap_err();
+        assert!(matches!(err, CommandError::UnknownDevice(_)), "{err}");
+        set_labels(&store, "d", &BTreeMap::new()).unwrap();
+        assert_eq!(command(&store, "d", logs(10)).unwrap().id, 1);
+        let restart = command(&store, "d", Command::RestartWorkload { name: "web".into() }).unwrap();
+        assert_eq!(
+            restart,
+            CommandMessage { v: PROTOCOL_VERSION, id: 2, command: Command::RestartWorkload { name: "web".into() } }
+        );
+        for (bad, what) in [
+            (logs(0), "tail 0"),
+            (logs(MAX_LOG_LINES + 1), "tail too large"),
+            (Command::RestartWorkload { name: String::new() }, "no workload"),
+            (Command::FullReport, "full-report"),
+        ] {
+            assert!(command(&store, "d", bad).is_err(), "{what} was accepted");
+        }
+        assert!(matches!(command(&store, "a/b", logs(1)), Err(CommandError::InvalidId(_))));
+        assert_eq!(store.device("d").unwrap().unwrap().command_id, 2, "refused commands take no number");
     }
 
     #[test]

@@ -41,10 +41,20 @@ pub struct Device {
     pub online: bool,
     /// The desired-state generation the device reported as stored.
     pub generation: Option<u64>,
+    /// The epoch of the device's store, which `report_seq` and `event_seq`
+    /// count in; 0 until the device sends one (agents before epochs never do).
+    pub epoch: u64,
     /// Highest report sequence number applied; 0 before the first full report.
     pub report_seq: u64,
-    /// Highest event sequence number stored; 0 before the first event.
+    /// Highest event sequence number stored, as the device numbers them; 0 before the first event.
     pub event_seq: u64,
+    /// Added to the device's event numbers to number its events here: the
+    /// events of every epoch stay, one rising sequence, when a new store
+    /// starts again at 1.
+    pub event_offset: u64,
+    /// When the device's numbering last started afresh under a new epoch:
+    /// its store was wiped or replaced, or its agent upgraded to one with epochs.
+    pub store_reset_at: Option<u64>,
     /// The view missed a report: a full one was requested and until it
     /// arrives `workloads` may be out of date.
     pub stale: bool,

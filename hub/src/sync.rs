@@ -1,7 +1,7 @@
 //! The hub's side of the sync protocol, the only module that knows rumqttc:
-//! one MQTT client (persistent session, QoS 1) that takes reports, events
-//! and presence from every device, and publishes desired states, acks and
-//! commands.
+//! one MQTT client (persistent session, QoS 1) that takes reports, events,
+//! presence and logs replies from every device, and publishes desired
+//! states, acks and commands.
 //!
 //! Two tasks: one polls the MQTT event loop (which also reconnects), the
 //! other applies what arrives to the store and publishes. The only publisher
@@ -10,20 +10,21 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use outpost_proto::sync::{
-    decode, encode, Channel, Command, CommandMessage, DesiredMessage, Encoding, EventBatch, Presence, Report, Topics,
-    PROTOCOL_VERSION,
+    decode, encode, Channel, Command, CommandMessage, DesiredMessage, Encoding, EventBatch, LogsMessage, Presence,
+    Report, Topics, PROTOCOL_VERSION,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use crate::logs::SharedReplies;
 use crate::registry::{self, ReportOutcome};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// The hub's MQTT client id (and user name at its own broker); the
 /// configuration refuses a device of this name.
@@ -36,6 +37,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Messages applied together, then flushed once and acknowledged.
 const BATCH: usize = 256;
+/// What the hub subscribes to: everything devices send.
+pub const FROM_DEVICES: [Channel; 4] = [Channel::Reported, Channel::Events, Channel::Presence, Channel::Logs];
 
 pub struct Settings {
     pub host: String,
@@ -52,6 +55,8 @@ enum Input {
     Connected,
     Message(Publish),
     DesiredChanged(String),
+    /// An operator's command, numbered and stored: publish it to the device.
+    Command(String, CommandMessage),
 }
 
 /// Tells the sync task that a device's desired state changed in the store.
@@ -64,6 +69,11 @@ impl Publisher {
     pub fn desired_changed(&self, device: &str) {
         // Fails only once the sync task has stopped, at shutdown.
         let _ = self.inputs.send(Input::DesiredChanged(device.to_string()));
+    }
+
+    pub fn command(&self, device: &str, message: CommandMessage) {
+        // As above: fails only at shutdown.
+        let _ = self.inputs.send(Input::Command(device.to_string(), message));
     }
 }
 
@@ -89,6 +99,7 @@ impl Tasks {
 pub fn start(
     settings: Settings,
     store: Store,
+    logs: SharedReplies,
     subscribed: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
 ) -> (Publisher, Tasks) {
@@ -102,7 +113,7 @@ pub fn start(
     // itself be waiting for the event loop to take its publishes.
     let (inputs, rx) = mpsc::unbounded_channel();
     let event_loop = tokio::spawn(poll(event_loop, inputs.clone(), subscribed, shutdown));
-    let applier = Applier { client, store, topics: settings.topics, encoding: settings.encoding };
+    let applier = Applier { client, store, logs, topics: settings.topics, encoding: settings.encoding };
     let applier = tokio::spawn(applier.run(rx));
     (Publisher { inputs }, Tasks { event_loop, applier })
 }
@@ -151,6 +162,7 @@ async fn poll(
 struct Applier {
     client: AsyncClient,
     store: Store,
+    logs: SharedReplies,
     topics: Topics,
     encoding: Encoding,
 }
@@ -162,6 +174,7 @@ struct Outgoing {
     desired: BTreeSet<String>,
     acks: BTreeSet<String>,
     full_report_commands: Vec<(String, u64)>,
+    commands: Vec<(String, CommandMessage)>,
 }
 
 impl Applier {
@@ -186,7 +199,7 @@ impl Applier {
                 match (self.store.desired_states(), self.store.devices()) {
                     (Ok(desired), Ok(devices)) => {
                         out.desired.extend(desired.into_iter().map(|(id, _)| id));
-                        let heard = devices.into_iter().filter(|d| d.report_seq > 0 || d.event_seq > 0);
+                        let heard = devices.into_iter().filter(|d| d.epoch != 0 || d.report_seq > 0 || d.event_seq > 0);
                         out.acks.extend(heard.map(|d| d.id));
                     }
                     (Err(e), _) | (_, Err(e)) => error!("cannot publish the desired states and acks again: {e}"),
@@ -195,6 +208,7 @@ impl Applier {
             Input::DesiredChanged(id) => {
                 out.desired.insert(id);
             }
+            Input::Command(id, message) => out.commands.push((id, message)),
             Input::Message(publish) => self.apply_message(&publish, out),
         }
     }
@@ -214,6 +228,7 @@ impl Applier {
         let payload = &publish.payload[..];
         let stored = match channel {
             Channel::Reported => decode::<Report>(payload).map(|report| {
+                self.follow_epoch(device, report.epoch, now, out)?;
                 let outcome = registry::apply_report(&self.store, device, &report, now)?;
                 if let ReportOutcome::Gap { full_report_command: Some(id) } = outcome {
                     info!(device, seq = report.seq, "a report is missing: asking the device for a full report");
@@ -223,12 +238,18 @@ impl Applier {
                 Ok(())
             }),
             Channel::Events => decode::<EventBatch>(payload).map(|batch| {
+                self.follow_epoch(device, batch.epoch, now, out)?;
                 registry::store_events(&self.store, device, &batch, now)?;
                 out.acks.insert(device.to_string());
                 Ok(())
             }),
             Channel::Presence => decode::<Presence>(payload)
                 .map(|presence| registry::set_presence(&self.store, device, &presence, publish.retain, now)),
+            Channel::Logs => decode::<LogsMessage>(payload).map(|message| {
+                debug!(device, command = message.command, workload = message.workload, "logs from the device");
+                self.logs.lock().unwrap_or_else(PoisonError::into_inner).insert(device, message, now);
+                Ok(())
+            }),
             // The hub's own channels: not subscribed to.
             Channel::Desired | Channel::Ack | Channel::Command => return,
         };
@@ -239,11 +260,26 @@ impl Applier {
         }
     }
 
+    fn follow_epoch(&self, device: &str, epoch: u64, now: u64, out: &mut Outgoing) -> Result<(), StoreError> {
+        if registry::follow_epoch(&self.store, device, epoch, now)? {
+            warn!(
+                device,
+                epoch,
+                "the device's store was reset (wiped, replaced, or its agent upgraded to one with epochs): its report \
+                 and event numbers start again, its events so far are kept"
+            );
+            // A wiped store lost its desired state, and the broker need not send the retained one
+            // again: rumqttd sends retained messages only on a subscription new to the session.
+            out.desired.insert(device.to_string());
+        }
+        Ok(())
+    }
+
     /// Publishes what a batch asks for; acks only after the store is flushed.
     async fn publish(&self, out: Outgoing) -> Result<(), rumqttc::ClientError> {
         if out.subscribe {
-            let filters = [Channel::Reported, Channel::Events, Channel::Presence]
-                .map(|channel| rumqttc::SubscribeFilter::new(self.topics.all(channel), QoS::AtLeastOnce));
+            let filters =
+                FROM_DEVICES.map(|channel| rumqttc::SubscribeFilter::new(self.topics.all(channel), QoS::AtLeastOnce));
             self.client.subscribe_many(filters).await?;
         }
         for id in &out.desired {
@@ -273,6 +309,10 @@ impl Applier {
         }
         for (id, command_id) in out.full_report_commands {
             let message = CommandMessage { v: PROTOCOL_VERSION, id: command_id, command: Command::FullReport };
+            self.send(&id, Channel::Command, false, encode(self.encoding, &message)).await?;
+        }
+        for (id, message) in out.commands {
+            info!(device = id, command = message.id, "sending an operator's command: {:?}", message.command);
             self.send(&id, Channel::Command, false, encode(self.encoding, &message)).await?;
         }
         Ok(())

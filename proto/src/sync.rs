@@ -36,11 +36,20 @@ pub enum Channel {
     Events,
     /// device -> hub, QoS 1, retained, and the device's last will: online or offline.
     Presence,
+    /// device -> hub, QoS 1: a workload's last log lines, the reply to a `send-logs` command.
+    Logs,
 }
 
 impl Channel {
-    const ALL: [Channel; 6] =
-        [Channel::Desired, Channel::Ack, Channel::Command, Channel::Reported, Channel::Events, Channel::Presence];
+    const ALL: [Channel; 7] = [
+        Channel::Desired,
+        Channel::Ack,
+        Channel::Command,
+        Channel::Reported,
+        Channel::Events,
+        Channel::Presence,
+        Channel::Logs,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -50,6 +59,7 @@ impl Channel {
             Channel::Reported => "reported",
             Channel::Events => "events",
             Channel::Presence => "presence",
+            Channel::Logs => "logs",
         }
     }
 }
@@ -137,6 +147,11 @@ pub struct DesiredMessage {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     pub v: u32,
+    /// The epoch of the device's store these numbers count in (see `Report::epoch`).
+    /// A device ignores an ack of another epoch: it acknowledges another store's
+    /// messages, under numbers this store hands out again.
+    #[serde(default)]
+    pub epoch: u64,
     /// Highest event sequence number stored (events arrive in order).
     #[serde(default)]
     pub events: u64,
@@ -173,6 +188,11 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub v: u32,
+    /// Made at random when the device's store is created: numbers from a
+    /// wiped or replaced store start again at 1 under a new epoch, and the
+    /// hub starts counting afresh. 0 from an agent that predates epochs.
+    #[serde(default)]
+    pub epoch: u64,
     pub seq: u64,
     /// True: `workloads` is every workload on the device. False: only those
     /// that changed since report `seq - 1`, and `removed` those that went.
@@ -209,7 +229,36 @@ pub struct WorkloadReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventBatch {
     pub v: u32,
+    /// As in `Report`: the store whose numbering the events' `seq` follow.
+    #[serde(default)]
+    pub epoch: u64,
     pub events: Vec<Event>,
+}
+
+/// Lines a `send-logs` reply carries at most, whatever `tail` asked for.
+pub const MAX_LOG_LINES: usize = 1000;
+/// Bytes of lines a `send-logs` reply carries at most: the newest lines that fit.
+pub const MAX_LOG_BYTES: usize = 64 * 1024;
+
+/// device -> hub, not retained: the reply to a `send-logs` command. Not kept
+/// in the device's outbox: it answers a live request, and an operator whose
+/// reply was lost asks again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsMessage {
+    pub v: u32,
+    /// The id of the command this answers.
+    pub command: u64,
+    pub workload: String,
+    /// The last lines, oldest first, as `edge-agent logs` prints them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<String>,
+    /// True when older lines were left out to stay within `MAX_LOG_LINES`
+    /// and `MAX_LOG_BYTES`, though `tail` asked for them.
+    #[serde(default)]
+    pub truncated: bool,
+    /// Why there are no lines: no such workload, or its logs cannot be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// device -> hub, retained; the device's last will says `online: false`.
@@ -234,12 +283,14 @@ mod tests {
         assert_eq!(topics.parse("site-7/outpost/v1/pump-3/unknown"), None);
         assert_eq!(topics.parse("other/pump-3/reported"), None);
         assert_eq!(topics.parse("site-7/outpost/v1/a/b/reported"), None);
+        assert_eq!(topics.parse("site-7/outpost/v1/pump-3/logs"), Some(("pump-3", Channel::Logs)));
     }
 
     #[test]
     fn both_encodings_decode_to_the_same_message() {
         let report = Report {
             v: 1,
+            epoch: 0x5eed,
             seq: 7,
             full: false,
             generation: Some(3),
@@ -271,9 +322,37 @@ mod tests {
     }
 
     #[test]
+    fn messages_from_a_peer_that_predates_epochs_read_as_epoch_0() {
+        let ack: Ack = decode(br#"{"v":1,"events":9,"reports":4}"#).unwrap();
+        assert_eq!((ack.epoch, ack.events, ack.reports), (0, 9, 4));
+        let report: Report = decode(br#"{"v":1,"seq":3,"full":true}"#).unwrap();
+        assert_eq!((report.epoch, report.seq), (0, 3));
+        let batch: EventBatch = decode(br#"{"v":1,"events":[]}"#).unwrap();
+        assert_eq!(batch.epoch, 0);
+    }
+
+    #[test]
+    fn a_logs_reply_round_trips_with_its_error_or_its_lines() {
+        let unknown = LogsMessage {
+            v: 1,
+            command: 4,
+            workload: "web".into(),
+            lines: vec![],
+            truncated: false,
+            error: Some("no workload named \"web\"".into()),
+        };
+        let json = encode(Encoding::Json, &unknown);
+        assert!(!String::from_utf8_lossy(&json).contains("lines"), "empty lines are left out");
+        assert_eq!(decode::<LogsMessage>(&json).unwrap(), unknown);
+        let lines = LogsMessage { lines: vec!["a".into(), "b".into()], truncated: true, error: None, ..unknown };
+        assert_eq!(decode::<LogsMessage>(&encode(Encoding::Cbor, &lines)).unwrap(), lines);
+    }
+
+    #[test]
     fn garbage_is_a_decode_error_not_a_panic() {
         for payload in [&b""[..], b"{", b"\xff\xff\xff", b"[1,2,3]", b"{\"v\":\"one\"}"] {
             assert!(decode::<Report>(payload).is_err(), "{payload:?}");
+            assert!(decode::<LogsMessage>(payload).is_err(), "{payload:?}");
         }
     }
 
@@ -281,6 +360,7 @@ mod tests {
     fn events_keep_their_kind_through_cbor() {
         let batch = EventBatch {
             v: 1,
+            epoch: 9,
             events: vec![Event {
                 seq: 4,
                 at: 1,

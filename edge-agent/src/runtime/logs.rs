@@ -5,6 +5,7 @@
 //! deleted. Each line is `RFC3339-time stream text`, like the CRI log format,
 //! so a reader can merge and filter them.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -114,17 +115,18 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The last `tail` lines over all files (all lines if `None`), oldest first.
+/// Holds no more than `tail` lines at a time: the files may be large.
 pub fn read_lines(dir: &Path, tail: Option<usize>) -> io::Result<Vec<String>> {
-    let mut lines = Vec::new();
+    let mut lines = VecDeque::new();
     for path in log_files(dir) {
         for line in BufReader::new(File::open(path)?).lines() {
-            lines.push(line?);
+            lines.push_back(line?);
+            if tail.is_some_and(|tail| lines.len() > tail) {
+                lines.pop_front();
+            }
         }
     }
-    if let Some(tail) = tail {
-        lines.drain(..lines.len().saturating_sub(tail));
-    }
-    Ok(lines)
+    Ok(lines.into())
 }
 
 #[cfg(test)]
@@ -148,6 +150,7 @@ mod tests {
         assert!(!lines.iter().any(|l| l.ends_with("line 00")), "the oldest lines were rotated out");
         let tail = read_lines(dir.path(), Some(2)).unwrap();
         assert!(tail[0].ends_with("line 38") && tail[1].ends_with("line 39"));
+        assert!(read_lines(dir.path(), Some(0)).unwrap().is_empty());
     }
 
     #[test]

@@ -26,9 +26,15 @@ pub struct DeviceView {
     pub generation: Option<u64>,
     /// The generation of the desired state the hub holds for it.
     pub desired_generation: Option<u64>,
-    /// The last report and event sequence numbers the hub stored (and acknowledged).
+    /// The epoch of the device's store, which `report_seq` and `event_seq` count in; 0 if it sends none.
+    pub epoch: u64,
+    /// The last report and event sequence numbers the hub stored (and
+    /// acknowledged), as the device numbers them in its epoch.
     pub report_seq: u64,
     pub event_seq: u64,
+    /// When the device's numbering last started afresh under a new epoch:
+    /// its store was wiped or replaced (or its agent upgraded to one with epochs).
+    pub store_reset_at: Option<u64>,
     /// True when the hub missed a report and waits for the full report it
     /// asked for: `workloads` may be out of date.
     pub stale: bool,
@@ -46,8 +52,10 @@ impl DeviceView {
             online: device.online,
             generation: device.generation,
             desired_generation,
+            epoch: device.epoch,
             report_seq: device.report_seq,
             event_seq: device.event_seq,
+            store_reset_at: device.store_reset_at,
             stale: device.stale,
             workloads: device.workloads.into_values().collect(),
         }

@@ -2,6 +2,7 @@
 //! docs/hub-api.md. Every error is a status and `{ "error": "..." }` that
 //! says what is wrong.
 
+mod commands;
 mod desired;
 mod devices;
 mod events;
@@ -9,13 +10,15 @@ mod pending;
 
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
+pub use commands::CommandSent;
 pub use devices::DeviceView;
 
-use crate::registry::{valid_device_id, DesiredError, LabelsError};
+use crate::logs::SharedReplies;
+use crate::registry::{valid_device_id, CommandError, DesiredError, LabelsError};
 use crate::store::{Store, StoreError};
 use crate::sync::Publisher;
 
@@ -23,21 +26,24 @@ use crate::sync::Publisher;
 struct AppState {
     store: Store,
     publisher: Publisher,
+    logs: SharedReplies,
 }
 
-pub(crate) fn router(store: Store, publisher: Publisher) -> Router {
+pub(crate) fn router(store: Store, publisher: Publisher, logs: SharedReplies) -> Router {
     Router::new()
         .route("/v1/devices", get(devices::list))
         .route("/v1/devices/{id}", get(devices::show))
         .route("/v1/devices/{id}/labels", axum::routing::put(devices::put_labels))
         .route("/v1/devices/{id}/desired", get(desired::get).put(desired::put))
         .route("/v1/devices/{id}/events", get(events::list))
+        .route("/v1/devices/{id}/commands", post(commands::post))
+        .route("/v1/devices/{id}/logs/{workload}", get(commands::logs))
         .route("/v1/pending-devices", get(pending::list))
         .route("/v1/pending-devices/{id}", axum::routing::delete(pending::reject))
         .route("/v1/pending-devices/{id}/approve", axum::routing::post(pending::approve))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .with_state(AppState { store, publisher })
+        .with_state(AppState { store, publisher, logs })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +96,19 @@ impl From<LabelsError> for ApiError {
         match e {
             LabelsError::InvalidId(_) | LabelsError::InvalidKey(_) => ApiError::BadRequest(e.to_string()),
             LabelsError::Store(e) => ApiError::Store(e),
+        }
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::InvalidId(_)
+            | CommandError::NoWorkload
+            | CommandError::Tail(_)
+            | CommandError::FullReport => ApiError::BadRequest(e.to_string()),
+            CommandError::UnknownDevice(_) => ApiError::NotFound(e.to_string()),
+            CommandError::Store(e) => ApiError::Store(e),
         }
     }
 }

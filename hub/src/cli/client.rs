@@ -2,12 +2,14 @@
 
 use std::collections::BTreeMap;
 
+use outpost_proto::sync::Command;
 use outpost_proto::DesiredState;
 use reqwest::{RequestBuilder, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::api::DeviceView;
+use crate::api::{CommandSent, DeviceView};
+use crate::logs::LogsReply;
 use crate::store::PendingDevice;
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,22 @@ impl ApiClient {
 
     pub async fn put_desired(&self, id: &str, state: &DesiredState) -> Result<DesiredState, ClientError> {
         self.send(self.http.put(self.url(&[id, "desired"])).json(state)).await
+    }
+
+    /// Sends an operator's command; returns its id.
+    pub async fn command(&self, id: &str, command: &Command) -> Result<u64, ClientError> {
+        let sent: CommandSent = self.send(self.http.post(self.url(&[id, "commands"])).json(command)).await?;
+        Ok(sent.id)
+    }
+
+    /// The newest logs reply of the device for the workload; None when the
+    /// hub has none (or does not know the device).
+    pub async fn logs(&self, id: &str, workload: &str) -> Result<Option<LogsReply>, ClientError> {
+        match self.send(self.http.get(self.url(&[id, "logs", workload]))).await {
+            Ok(reply) => Ok(Some(reply)),
+            Err(ClientError::Api { status: StatusCode::NOT_FOUND, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn pending(&self) -> Result<Vec<PendingDevice>, ClientError> {

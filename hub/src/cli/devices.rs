@@ -81,8 +81,10 @@ mod tests {
             online: true,
             generation: Some(4),
             desired_generation: Some(5),
+            epoch: 0,
             report_seq: 9,
             event_seq: 3,
+            store_reset_at: None,
             stale: true,
             workloads: vec![],
         };

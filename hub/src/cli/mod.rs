@@ -7,6 +7,8 @@ mod client;
 mod config;
 mod devices;
 mod label;
+mod logs;
+mod restart;
 mod serve;
 mod set_desired;
 mod watch;
@@ -41,6 +43,10 @@ pub enum Command {
     SetDesired(set_desired::Args),
     /// Follow a device until it runs its desired state.
     Watch(watch::Args),
+    /// Restart a workload on a device.
+    Restart(restart::Args),
+    /// Print a workload's last log lines, asked from the device.
+    Logs(logs::Args),
     /// List the devices held for approval (unknown-devices = "hold").
     Pending(approval::PendingArgs),
     /// Let a held device in, with the token it presented.
@@ -63,6 +69,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Label(args) => label::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::SetDesired(args) => set_desired::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Watch(args) => watch::run(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Restart(args) => restart::run(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Logs(args) => logs::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Pending(args) => approval::pending(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Approve(args) => approval::approve(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Reject(args) => approval::reject(&ApiClient::new(&cli.hub_url)?, args).await,

@@ -118,8 +118,10 @@ mod tests {
             online: true,
             generation: Some(generation),
             desired_generation: Some(5),
+            epoch: 0,
             report_seq: 1,
             event_seq: 0,
+            store_reset_at: None,
             stale: false,
             workloads: states
                 .iter()

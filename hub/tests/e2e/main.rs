@@ -3,6 +3,8 @@
 
 mod api;
 mod cli;
+mod commands;
+mod epoch;
 mod mosquitto;
 mod support;
 mod sync;

@@ -75,6 +75,18 @@ impl TestHub {
         (response.status().as_u16(), response.json().await.unwrap())
     }
 
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
     pub async fn put(&self, path: &str, body: &str) -> (u16, Value) {
         let response = self
             .http
@@ -232,6 +244,11 @@ impl DeviceSimulator {
     }
 
     pub async fn events(&self, seqs: &[u64]) {
+        self.events_in(0, seqs).await;
+    }
+
+    /// Events numbered `seqs` in the store epoch `epoch`, each an `applied` event of generation = its number.
+    pub async fn events_in(&self, epoch: u64, seqs: &[u64]) {
         let events = seqs
             .iter()
             .map(|&seq| outpost_proto::Event {
@@ -240,7 +257,8 @@ impl DeviceSimulator {
                 kind: outpost_proto::EventKind::Applied { generation: seq },
             })
             .collect();
-        self.publish(Channel::Events, false, encode(self.encoding, &EventBatch { v: PROTOCOL_VERSION, events })).await;
+        let batch = EventBatch { v: PROTOCOL_VERSION, epoch, events };
+        self.publish(Channel::Events, false, encode(self.encoding, &batch)).await;
     }
 
     /// Drops the connection without a DISCONNECT, as a lost link would.
@@ -313,6 +331,7 @@ pub fn workload(name: &str, state: &str) -> WorkloadReport {
 pub fn report(seq: u64, full: bool, generation: u64, workloads: &[(&str, &str)], removed: &[&str]) -> Report {
     Report {
         v: PROTOCOL_VERSION,
+        epoch: 0,
         seq,
         full,
         generation: Some(generation),

@@ -168,7 +168,7 @@ impl Device {
                     self.report(true, Vec::new());
                 }
             }
-            Channel::Reported | Channel::Events | Channel::Presence => {}
+            Channel::Reported | Channel::Events | Channel::Presence | Channel::Logs => {}
         }
     }
 
@@ -178,6 +178,8 @@ impl Device {
         self.seq += 1;
         let report = Report {
             v: PROTOCOL_VERSION,
+            // No store, so no epoch: the hub counts the numbers as they come, as from an agent before epochs.
+            epoch: 0,
             seq: self.seq,
             full,
             generation: self.desired.as_ref().map(|d| d.generation),
