@@ -2,11 +2,13 @@
 
 pub mod desired;
 pub mod event;
+pub mod fleet;
 pub mod size;
 pub mod sync;
 pub mod workload;
 
 pub use desired::{Deployment, DesiredState};
 pub use event::{Event, EventKind};
+pub use fleet::DeploymentSpec;
 pub use size::ByteSize;
 pub use workload::WorkloadSpec;
