@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 mod logs;
 mod registry;
+pub mod rollout;
 mod store;
 mod sync;
 
@@ -117,7 +118,9 @@ impl Hub {
             sync::start(settings, self.store.clone(), logs.clone(), self.hub_subscribed.clone(), stopping.clone());
 
         info!("HTTP API listening on {}", http_listener.local_addr()?);
-        let app = api::router(self.store.clone(), publisher, logs);
+        let engine = rollout::engine::Engine::new(self.store.clone(), publisher.clone());
+        let rollouts = engine.clone().start(stopping.clone());
+        let app = api::router(self.store.clone(), publisher, logs, engine);
         let mut http_stopping = stopping.clone();
         let http = tokio::spawn(
             axum::serve(http_listener, app)
@@ -143,6 +146,7 @@ impl Hub {
         let _ = stop.send(true);
         let served = http.await.context("the HTTP server task failed")?;
         sync_tasks.join().await;
+        let _ = rollouts.await;
         if let Some(handle) = &self.broker_store {
             *handle.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
         }

@@ -98,6 +98,8 @@ pub fn apply_report(store: &Store, id: &str, report: &Report, now: u64) -> Resul
         if !report.agent_version.is_empty() {
             device.agent_version.clone_from(&report.agent_version);
         }
+        let workloads: Vec<_> = device.workloads.values().collect();
+        crate::rollout::observe_workloads(&mut device.rollouts, &workloads, now);
         device.report_seq = report.seq;
         ReportOutcome::Applied
     })
@@ -126,6 +128,9 @@ pub fn store_events(store: &Store, id: &str, batch: &EventBatch, now: u64) -> Re
     store.update_device(id, |device| {
         seen(device, now);
         device.event_seq = device.event_seq.max(newest);
+        for event in &fresh {
+            crate::rollout::observe_event(&mut device.rollouts, &event.kind);
+        }
     })?;
     Ok(fresh.len())
 }

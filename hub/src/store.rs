@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use outpost_proto::sync::WorkloadReport;
 use outpost_proto::{DesiredState, Event};
+
+use crate::rollout::{DeploymentRecord, Sent};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +64,8 @@ pub struct Device {
     /// The last command id sent to the device.
     pub command_id: u64,
     pub workloads: BTreeMap<String, WorkloadReport>,
+    /// Per deployment rolled out to it: the revision sent and how it went.
+    pub rollouts: BTreeMap<String, Sent>,
 }
 
 /// A device refused while `unknown-devices = "hold"`, waiting for an
@@ -95,6 +99,8 @@ pub struct Store {
     /// Devices an operator approved: id -> sha256 (hex) of their token.
     approved: sled::Tree,
     pending: sled::Tree,
+    /// Fleet deployments by name: their revisions and rollout.
+    deployments: sled::Tree,
 }
 
 impl Store {
@@ -106,6 +112,7 @@ impl Store {
             events: db.open_tree("events")?,
             approved: db.open_tree("approved")?,
             pending: db.open_tree("pending")?,
+            deployments: db.open_tree("deployments")?,
             db,
             flushes: Arc::default(),
         })
@@ -269,6 +276,38 @@ impl Store {
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
+    }
+
+    pub fn deployment(&self, name: &str) -> Result<Option<DeploymentRecord>, StoreError> {
+        self.deployments.get(name)?.map(|bytes| decode(&bytes, name)).transpose()
+    }
+
+    pub fn deployment_records(&self) -> Result<Vec<DeploymentRecord>, StoreError> {
+        self.deployments.iter().values().map(|bytes| decode(&bytes?, "a deployment")).collect()
+    }
+
+    /// Changes a deployment atomically (None: no such deployment, or
+    /// delete it), like `update_device`; `change` may run more than once.
+    pub fn update_deployment<T>(
+        &self,
+        name: &str,
+        mut change: impl FnMut(Option<DeploymentRecord>) -> (Option<DeploymentRecord>, T),
+    ) -> Result<T, StoreError> {
+        loop {
+            let old = self.deployments.get(name)?;
+            let record = old.as_ref().map(|bytes| decode(bytes, name)).transpose()?;
+            let (new, out) = change(record);
+            if self.deployments.compare_and_swap(name, old, new.as_ref().map(encode))?.is_ok() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Stores a device's desired state as the rollout engine computed it
+    /// (its generation is the engine's to choose).
+    pub fn put_desired(&self, id: &str, state: &DesiredState) -> Result<(), StoreError> {
+        self.desired.insert(id, encode(state))?;
+        Ok(())
     }
 
     /// Forgets a held device's request; false when there was none.

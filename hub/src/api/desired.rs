@@ -27,6 +27,13 @@ pub(super) async fn put(
         return Err(ApiError::BadRequest("the desired state must be a JSON object".into()));
     }
     let desired = DesiredState::parse(text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if let Some(device) = state.store.device(&id)?.filter(|d| !d.rollouts.is_empty()) {
+        let names: Vec<&str> = device.rollouts.keys().map(String::as_str).collect();
+        return Err(ApiError::Conflict(format!(
+            "device {id:?} runs the fleet deployments {}: its desired state is theirs; change them, or the device's labels",
+            names.join(", ")
+        )));
+    }
     registry::set_desired(&state.store, &id, &desired)?;
     state.store.flush().await?;
     state.publisher.desired_changed(&id);

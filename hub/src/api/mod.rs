@@ -3,6 +3,7 @@
 //! says what is wrong.
 
 mod commands;
+mod deployments;
 mod desired;
 mod devices;
 mod events;
@@ -19,6 +20,7 @@ pub use devices::DeviceView;
 
 use crate::logs::SharedReplies;
 use crate::registry::{valid_device_id, CommandError, DesiredError, LabelsError};
+use crate::rollout::engine::Engine;
 use crate::store::{Store, StoreError};
 use crate::sync::Publisher;
 
@@ -27,9 +29,10 @@ struct AppState {
     store: Store,
     publisher: Publisher,
     logs: SharedReplies,
+    engine: Engine,
 }
 
-pub(crate) fn router(store: Store, publisher: Publisher, logs: SharedReplies) -> Router {
+pub(crate) fn router(store: Store, publisher: Publisher, logs: SharedReplies, engine: Engine) -> Router {
     Router::new()
         .route("/v1/devices", get(devices::list))
         .route("/v1/devices/{id}", get(devices::show))
@@ -38,12 +41,16 @@ pub(crate) fn router(store: Store, publisher: Publisher, logs: SharedReplies) ->
         .route("/v1/devices/{id}/events", get(events::list))
         .route("/v1/devices/{id}/commands", post(commands::post))
         .route("/v1/devices/{id}/logs/{workload}", get(commands::logs))
+        .route("/v1/deployments", get(deployments::list))
+        .route("/v1/deployments/{name}", get(deployments::show).put(deployments::put).delete(deployments::delete))
+        .route("/v1/deployments/{name}/revisions", get(deployments::revisions))
+        .route("/v1/deployments/{name}/rollout/{action}", post(deployments::rollout_action))
         .route("/v1/pending-devices", get(pending::list))
         .route("/v1/pending-devices/{id}", axum::routing::delete(pending::reject))
         .route("/v1/pending-devices/{id}/approve", axum::routing::post(pending::approve))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .with_state(AppState { store, publisher, logs })
+        .with_state(AppState { store, publisher, logs, engine })
 }
 
 #[derive(Debug, thiserror::Error)]

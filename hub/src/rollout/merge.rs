@@ -1,0 +1,106 @@
+//! A device's desired state from the deployments that target it. Two
+//! deployments that name the same workload conflict: the higher priority
+//! wins (then the name that sorts first), and the conflict is reported,
+//! never resolved silently.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use outpost_proto::fleet::Conflict;
+use outpost_proto::{Deployment, WorkloadSpec};
+
+/// One deployment's revision, as due on a device.
+#[derive(Debug, Clone, Copy)]
+pub struct Offer<'a> {
+    pub deployment: &'a str,
+    pub priority: i32,
+    pub revision: u64,
+    pub rollback_window: Duration,
+    pub workloads: &'a [WorkloadSpec],
+}
+
+/// The deployments of the device's desired state, in the order they won,
+/// and the workloads they lost.
+pub fn merge(device: &str, mut offers: Vec<Offer<'_>>) -> (Vec<Deployment>, Vec<Conflict>) {
+    offers.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.deployment.cmp(b.deployment)));
+    let mut owners: Vec<(&str, &str)> = Vec::new();
+    let mut taken = BTreeSet::new();
+    let mut deployments = Vec::new();
+    let mut conflicts = Vec::new();
+    for offer in offers {
+        let mut workloads = Vec::new();
+        for workload in offer.workloads {
+            if taken.insert(workload.name.as_str()) {
+                owners.push((workload.name.as_str(), offer.deployment));
+                workloads.push(workload.clone());
+            } else {
+                let winner = owners.iter().find(|(name, _)| *name == workload.name).map_or("", |(_, d)| d);
+                conflicts.push(Conflict {
+                    device: device.to_string(),
+                    workload: workload.name.clone(),
+                    winner: winner.to_string(),
+                    loser: offer.deployment.to_string(),
+                });
+            }
+        }
+        if !workloads.is_empty() {
+            deployments.push(Deployment {
+                name: offer.deployment.to_string(),
+                revision: offer.revision,
+                rollback_window: offer.rollback_window,
+                workloads,
+            });
+        }
+    }
+    (deployments, conflicts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, image: &str) -> WorkloadSpec {
+        toml::from_str(&format!("name = \"{name}\"\nimage = \"{image}\"\n")).unwrap()
+    }
+
+    #[test]
+    fn two_deployments_merge_and_a_shared_workload_goes_to_the_higher_priority() {
+        let base = [workload("metrics", "node-exporter:1"), workload("logs", "fluent-bit:2")];
+        let app = [workload("cam", "cam:7"), workload("logs", "app-logs:1")];
+        let offer = |deployment, priority, workloads| Offer {
+            deployment,
+            priority,
+            revision: 3,
+            rollback_window: Duration::from_secs(60),
+            workloads,
+        };
+        let (deployments, conflicts) = merge("cam-1", vec![offer("app", 10, &app[..]), offer("base", 0, &base[..])]);
+        let names: Vec<(&str, Vec<&str>)> = deployments
+            .iter()
+            .map(|d| (d.name.as_str(), d.workloads.iter().map(|w| w.name.as_str()).collect()))
+            .collect();
+        assert_eq!(names, [("app", vec!["cam", "logs"]), ("base", vec!["metrics"])]);
+        assert_eq!(
+            conflicts,
+            [Conflict { device: "cam-1".into(), workload: "logs".into(), winner: "app".into(), loser: "base".into() }]
+        );
+        // Equal priorities: the name that sorts first wins, whatever the order given.
+        let (_, conflicts) = merge("cam-1", vec![offer("base", 0, &base[..]), offer("app", 0, &app[..])]);
+        assert_eq!((conflicts[0].winner.as_str(), conflicts[0].loser.as_str()), ("app", "base"));
+    }
+
+    #[test]
+    fn a_deployment_left_with_no_workloads_is_left_out() {
+        let only = [workload("logs", "fluent-bit:2")];
+        let offer = |deployment, priority| Offer {
+            deployment,
+            priority,
+            revision: 1,
+            rollback_window: Duration::from_secs(60),
+            workloads: &only[..],
+        };
+        let (deployments, conflicts) = merge("d", vec![offer("a", 1), offer("b", 0)]);
+        assert_eq!(deployments.len(), 1);
+        assert_eq!(conflicts.len(), 1);
+    }
+}
