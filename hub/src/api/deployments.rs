@@ -12,8 +12,8 @@ use serde::Deserialize;
 use super::{ApiError, AppState};
 use crate::rollout::{DeploymentRecord, NotNow, Revision};
 
-pub(super) async fn list(State(state): State<AppState>) -> Json<Vec<DeploymentStatus>> {
-    Json(state.engine.statuses())
+pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Vec<DeploymentStatus>>, ApiError> {
+    Ok(Json(state.engine.statuses().await?))
 }
 
 pub(super) async fn show(
@@ -21,7 +21,7 @@ pub(super) async fn show(
     Path(name): Path<String>,
 ) -> Result<Json<DeploymentStatus>, ApiError> {
     check_name(&name)?;
-    state.engine.status(&name).map(Json).ok_or_else(|| no_deployment(&name))
+    state.engine.status(&name).await?.map(Json).ok_or_else(|| no_deployment(&name))
 }
 
 /// Stores the spec as a new revision (unless it is the newest already) and starts its rollout.
@@ -50,7 +50,7 @@ pub(super) async fn put(
         tracing::info!(deployment = %name, "an operator applied a new revision");
     }
     state.engine.pass().await?;
-    state.engine.status(&name).map(Json).ok_or_else(|| no_deployment(&name))
+    state.engine.status(&name).await?.map(Json).ok_or_else(|| no_deployment(&name))
 }
 
 /// Removes the deployment: its workloads go from every device.
@@ -120,7 +120,7 @@ pub(super) async fn rollout_action(
     state.store.flush().await?;
     tracing::info!(deployment = %name, "an operator asked the rollout to {action}");
     state.engine.pass().await?;
-    state.engine.status(&name).map(Json).ok_or_else(|| no_deployment(&name))
+    state.engine.status(&name).await?.map(Json).ok_or_else(|| no_deployment(&name))
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {

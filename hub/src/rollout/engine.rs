@@ -28,8 +28,8 @@ pub struct Engine {
     publisher: Publisher,
     /// Each deployment's status as of the last pass.
     statuses: Arc<RwLock<BTreeMap<String, DeploymentStatus>>>,
-    /// One pass at a time.
-    passing: Arc<Mutex<()>>,
+    /// One pass at a time; true once one has run.
+    passing: Arc<Mutex<bool>>,
 }
 
 impl Engine {
@@ -37,12 +37,22 @@ impl Engine {
         Self { store, publisher, statuses: Arc::default(), passing: Arc::default() }
     }
 
-    pub fn status(&self, name: &str) -> Option<DeploymentStatus> {
-        self.statuses.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    pub async fn status(&self, name: &str) -> Result<Option<DeploymentStatus>, StoreError> {
+        self.first_pass().await?;
+        Ok(self.statuses.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned())
     }
 
-    pub fn statuses(&self) -> Vec<DeploymentStatus> {
-        self.statuses.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    pub async fn statuses(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
+        self.first_pass().await?;
+        Ok(self.statuses.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect())
+    }
+
+    /// Right after a start there is no status yet.
+    async fn first_pass(&self) -> Result<(), StoreError> {
+        if *self.passing.lock().await {
+            return Ok(());
+        }
+        self.pass().await
     }
 
     /// Runs passes until `stopping`.
@@ -63,12 +73,13 @@ impl Engine {
     /// One pass, now: the API runs one after an operator's change, so its
     /// answer shows the change's effect.
     pub async fn pass(&self) -> Result<(), StoreError> {
-        let _one = self.passing.lock().await;
+        let mut passed = self.passing.lock().await;
         let store = self.store.clone();
         let now = crate::sync::now_ms();
         let pass =
             tokio::task::spawn_blocking(move || pass(&store, now)).await.expect("a rollout pass does not panic")?;
         *self.statuses.write().unwrap_or_else(|p| p.into_inner()) = pass.statuses;
+        *passed = true;
         if !pass.changed.is_empty() {
             self.store.flush().await?;
             for device in &pass.changed {

@@ -75,27 +75,16 @@ impl TestHub {
         (response.status().as_u16(), response.json().await.unwrap())
     }
 
-    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.api))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
+    pub async fn put(&self, path: &str, body: &str) -> (u16, Value) {
+        self.send(self.http.put(format!("{}{path}", self.api)), body).await
     }
 
-    pub async fn put(&self, path: &str, body: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .put(format!("{}{path}", self.api))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        self.send(self.http.post(format!("{}{path}", self.api)), body).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder, body: &str) -> (u16, Value) {
+        let response = request.header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap())
     }
 
@@ -288,6 +277,19 @@ impl DeviceSimulator {
     pub async fn desired(&mut self, generation: u64) -> DesiredMessage {
         self.next(&format!("the desired state of generation {generation}"), |m| match m {
             FromHub::Desired(d) if d.state.generation == generation => Some(d),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits for a desired state that holds this revision of this deployment.
+    pub async fn desired_with(&mut self, deployment: &str, revision: u64) -> DesiredMessage {
+        self.next(&format!("a desired state with {deployment} revision {revision}"), |m| match m {
+            FromHub::Desired(d)
+                if d.state.deployments.iter().any(|x| x.name == deployment && x.revision == revision) =>
+            {
+                Some(d)
+            }
             _ => None,
         })
         .await
