@@ -10,7 +10,9 @@ use serde::Deserialize;
 
 use crate::api::{CommandSent, DeviceView};
 use crate::logs::LogsReply;
+use crate::rollout::Revision;
 use crate::store::PendingDevice;
+use outpost_proto::fleet::{DeploymentSpec, DeploymentStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -115,6 +117,41 @@ impl ApiClient {
             Err(ClientError::Api { status: StatusCode::NOT_FOUND, .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    pub async fn apply(&self, spec: &DeploymentSpec) -> Result<DeploymentStatus, ClientError> {
+        self.send(self.http.put(self.v1(&["deployments", &spec.name])).json(spec)).await
+    }
+
+    pub async fn deployments(&self) -> Result<Vec<DeploymentStatus>, ClientError> {
+        self.send(self.http.get(self.v1(&["deployments"]))).await
+    }
+
+    pub async fn deployment(&self, name: &str) -> Result<DeploymentStatus, ClientError> {
+        self.send(self.http.get(self.v1(&["deployments", name]))).await
+    }
+
+    pub async fn delete_deployment(&self, name: &str) -> Result<(), ClientError> {
+        self.send_no_content(self.http.delete(self.v1(&["deployments", name]))).await
+    }
+
+    pub async fn revisions(&self, name: &str) -> Result<Vec<Revision>, ClientError> {
+        self.send(self.http.get(self.v1(&["deployments", name, "revisions"]))).await
+    }
+
+    /// pause, resume, abort, or rollback (to `revision`, or the one before).
+    pub async fn rollout(
+        &self,
+        name: &str,
+        action: &str,
+        revision: Option<u64>,
+    ) -> Result<DeploymentStatus, ClientError> {
+        let request = self.http.post(self.v1(&["deployments", name, "rollout", action]));
+        let request = match revision {
+            Some(revision) => request.json(&serde_json::json!({ "revision": revision })),
+            None => request,
+        };
+        self.send(request).await
     }
 
     pub async fn pending(&self) -> Result<Vec<PendingDevice>, ClientError> {

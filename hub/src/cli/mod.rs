@@ -5,10 +5,12 @@
 mod approval;
 mod client;
 mod config;
+mod deployments;
 mod devices;
 mod label;
 mod logs;
 mod restart;
+mod rollout;
 mod serve;
 mod set_desired;
 mod watch;
@@ -43,6 +45,17 @@ pub enum Command {
     SetDesired(set_desired::Args),
     /// Follow a device until it runs its desired state.
     Watch(watch::Args),
+    /// Apply a fleet deployment from a file (TOML, YAML or JSON): a new
+    /// revision when it changed, rolled out in waves.
+    Apply(deployments::ApplyArgs),
+    /// List the fleet deployments and their rollouts.
+    Deployments(deployments::ListArgs),
+    /// Show, delete, or list the revisions of a deployment.
+    #[command(subcommand)]
+    Deployment(deployments::Command),
+    /// Watch, pause, resume, abort or roll back a deployment's rollout.
+    #[command(subcommand)]
+    Rollout(rollout::Command),
     /// Restart a workload on a device.
     Restart(restart::Args),
     /// Print a workload's last log lines, asked from the device.
@@ -69,6 +82,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Label(args) => label::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::SetDesired(args) => set_desired::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Watch(args) => watch::run(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Apply(args) => deployments::apply(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Deployments(args) => deployments::list(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Deployment(command) => deployments::run(&ApiClient::new(&cli.hub_url)?, command).await,
+            Command::Rollout(command) => rollout::run(&ApiClient::new(&cli.hub_url)?, command).await,
             Command::Restart(args) => restart::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Logs(args) => logs::run(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Pending(args) => approval::pending(&ApiClient::new(&cli.hub_url)?, args).await,

@@ -142,3 +142,61 @@ async fn rejecting_a_held_device_forgets_its_request() {
     assert_eq!(stdout(&listed).trim(), "no device waits for approval");
     hub.stop().await;
 }
+
+const DEPLOYMENT_YAML: &str = r#"
+name: app
+selector: { site: a }
+strategy: { waves: ["100%"], min-healthy: 0s }
+workloads:
+  - name: web
+    image: web:1
+"#;
+
+#[tokio::test]
+async fn the_cli_applies_a_yaml_deployment_and_watches_its_rollout_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(config(dir.path())).await;
+    let (status, _) = hub.put("/v1/devices/pump-3/labels", r#"{"site": "a"}"#).await;
+    assert_eq!(status, 200);
+    let mut pump3 = DeviceSimulator::connect(hub.mqtt, "pump-3", token("pump-3")).await;
+    let file = dir.path().join("app.yaml");
+    std::fs::write(&file, DEPLOYMENT_YAML).unwrap();
+    let file = file.to_str().unwrap();
+
+    let applied = hub_cli(&hub.api, &["apply", "-f", file]).await;
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    assert!(stdout(&applied).contains("app: revision 1, rolling out to 1 devices in 1 waves"), "{}", stdout(&applied));
+    let watch = tokio::spawn(hub_cli(&hub.api, &["rollout", "watch", "app", "--timeout", "20s"]));
+
+    let desired = pump3.desired_with("app", 1).await;
+    let mut running = report(1, true, desired.state.generation, &[("web", "running")], &[]);
+    running.workloads[0].revision = Some(1);
+    pump3.report(&running).await;
+    let watched = watch.await.unwrap();
+    assert!(watched.status.success(), "{}{}", stdout(&watched), stderr(&watched));
+
+    let listed = hub_cli(&hub.api, &["deployments"]).await;
+    assert!(stdout(&listed).contains("rev 1 complete"), "{}", stdout(&listed));
+    let again = hub_cli(&hub.api, &["apply", "-f", file]).await;
+    assert!(stdout(&again).contains("unchanged, revision 1"), "{}", stdout(&again));
+    let history = hub_cli(&hub.api, &["deployment", "history", "app"]).await;
+    assert_eq!(stdout(&history).trim(), "revision 1  web=web:1");
+    let paused = hub_cli(&hub.api, &["rollout", "pause", "app"]).await;
+    assert!(!paused.status.success() && stderr(&paused).contains("cannot pause"), "{}", stderr(&paused));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_deployment_file_with_a_mistake_is_refused_before_it_reaches_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, DEPLOYMENT_YAML.replace("100%", "150%")).unwrap();
+    // No hub listens there: the file is refused first.
+    let refused = hub_cli("http://127.0.0.1:9", &["apply", "-f", file.to_str().unwrap()]).await;
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("bad.yaml is not a deployment") && stderr(&refused).contains("150%"),
+        "{}",
+        stderr(&refused)
+    );
+}

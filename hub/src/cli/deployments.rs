@@ -1,0 +1,187 @@
+//! Fleet deployments: `hub apply -f FILE`, `hub deployments`, and
+//! `hub deployment show|delete|history NAME`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use outpost_proto::fleet::{DeploymentSpec, DeploymentStatus, RolloutState};
+
+use reqwest::StatusCode;
+
+use super::client::{ApiClient, ClientError};
+
+#[derive(clap::Args)]
+pub struct ApplyArgs {
+    /// The deployment: TOML, YAML (.yaml, .yml) or JSON (.json).
+    #[arg(short, long)]
+    file: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct ListArgs {
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// A deployment, its rollout by wave, and its conflicts.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove it: its workloads go from every device.
+    Delete { name: String },
+    /// Its revisions, oldest first.
+    History { name: String },
+}
+
+pub fn read(path: &std::path::Path) -> anyhow::Result<DeploymentSpec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    let spec = match extension {
+        "yaml" | "yml" => serde_norway::from_str(&text).map_err(anyhow::Error::from),
+        "json" => serde_json::from_str(&text).map_err(anyhow::Error::from),
+        _ => toml::from_str(&text).map_err(anyhow::Error::from),
+    };
+    let spec: DeploymentSpec = spec.with_context(|| format!("{} is not a deployment", path.display()))?;
+    spec.validate().with_context(|| format!("{} is not a valid deployment", path.display()))?;
+    Ok(spec)
+}
+
+pub async fn apply(client: &ApiClient, args: ApplyArgs) -> anyhow::Result<()> {
+    let spec = read(&args.file)?;
+    let before = match client.deployment(&spec.name).await {
+        Ok(status) => Some(status.revision),
+        Err(ClientError::Api { status: StatusCode::NOT_FOUND, .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let status = client.apply(&spec).await?;
+    let rollout = &status.rollout;
+    if before == Some(status.revision) {
+        println!("{}: unchanged, revision {} ({})", status.name, status.revision, state(rollout.state));
+    } else {
+        println!(
+            "{}: revision {}, rolling out to {} devices in {} waves (`hub rollout watch {}`)",
+            status.name,
+            status.revision,
+            rollout.counts.targeted,
+            rollout.waves.len(),
+            status.name
+        );
+    }
+    Ok(())
+}
+
+pub async fn list(client: &ApiClient, args: ListArgs) -> anyhow::Result<()> {
+    let deployments = client.deployments().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&deployments)?);
+        return Ok(());
+    }
+    let header = ["NAME", "REVISION", "ROLLOUT", "TARGETED", "UPDATED", "HEALTHY", "FAILED", "PENDING", "OFFLINE"];
+    let rows: Vec<Vec<String>> = deployments.iter().map(row).collect();
+    print!("{}", table(&header, &rows));
+    Ok(())
+}
+
+fn row(d: &DeploymentStatus) -> Vec<String> {
+    let r = &d.rollout;
+    let c = &r.counts;
+    let rollout = match r.state {
+        RolloutState::Progressing => format!("rev {} wave {}/{}", r.revision, r.wave + 1, r.waves.len()),
+        other => format!("rev {} {}", r.revision, state(other)),
+    };
+    [d.name.clone(), d.revision.to_string(), rollout]
+        .into_iter()
+        .chain([c.targeted, c.updated, c.healthy, c.failed, c.pending, c.offline].map(|n| n.to_string()))
+        .collect()
+}
+
+pub fn state(state: RolloutState) -> &'static str {
+    match state {
+        RolloutState::Progressing => "progressing",
+        RolloutState::Paused => "paused",
+        RolloutState::Complete => "complete",
+        RolloutState::RolledBack => "rolled back",
+        RolloutState::Aborted => "aborted",
+    }
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows) {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Show { name, json } => {
+            let status = client.deployment(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", show(&status));
+            }
+        }
+        Command::Delete { name } => {
+            client.delete_deployment(&name).await?;
+            println!("deleted {name}: its workloads go from every device");
+        }
+        Command::History { name } => {
+            for revision in client.revisions(&name).await? {
+                let images: Vec<String> =
+                    revision.spec.workloads.iter().map(|w| format!("{}={}", w.name, w.image)).collect();
+                println!("revision {}  {}", revision.revision, images.join(" "));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn show(d: &DeploymentStatus) -> String {
+    let r = &d.rollout;
+    let c = &r.counts;
+    let mut out = format!("{} revision {} (priority {})\n", d.name, d.revision, d.spec.priority);
+    let selector: Vec<String> = d.spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    out += &format!("selector: {}\n", if selector.is_empty() { "every device".into() } else { selector.join(",") });
+    let previous = r.previous.map_or("none".to_string(), |p| p.to_string());
+    out += &format!("rollout of revision {} (previous {previous}): {}\n", r.revision, state(r.state));
+    if let Some(reason) = &r.reason {
+        out += &format!("  {reason}\n");
+    }
+    for (i, wave) in r.waves.iter().enumerate() {
+        let mark = if wave.done {
+            "done"
+        } else if i == r.wave {
+            "in progress"
+        } else {
+            ""
+        };
+        out += &format!("  wave {} ({}): {} devices {mark}\n", i + 1, wave.wave, wave.devices);
+    }
+    out += &format!(
+        "devices: {} targeted, {} updated, {} healthy, {} failed, {} pending, {} offline\n",
+        c.targeted, c.updated, c.healthy, c.failed, c.pending, c.offline
+    );
+    for conflict in &d.conflicts {
+        out += &format!(
+            "conflict on {}: workload {} runs from {}, not {}\n",
+            conflict.device, conflict.workload, conflict.winner, conflict.loser
+        );
+    }
+    out
+}
