@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 mod logs;
 mod registry;
+pub mod rollout;
 mod store;
 mod sync;
 

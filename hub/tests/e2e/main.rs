@@ -6,5 +6,6 @@ mod cli;
 mod commands;
 mod epoch;
 mod mosquitto;
+mod pin;
 mod support;
 mod sync;

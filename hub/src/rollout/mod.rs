@@ -1,0 +1,4 @@
+//! Fleet deployments and their rollouts.
+
+pub mod pin;
+pub mod policy;
