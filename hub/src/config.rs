@@ -10,6 +10,7 @@ use outpost_proto::sync::{Encoding, Topics};
 use serde::Deserialize;
 
 use crate::registry::valid_device_id;
+use crate::rollout::policy::Policy;
 use crate::sync::HUB_CLIENT_ID;
 
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
@@ -26,6 +27,11 @@ pub struct Config {
     pub topic_prefix: String,
     pub encoding: Encoding,
     pub unknown_devices: UnknownDevices,
+    /// Registries (`host:port`) the hub asks over plain HTTP when it pins
+    /// deployment images to digests; all others over HTTPS.
+    pub insecure_registries: Vec<String>,
+    /// What deployments may ask of devices.
+    pub policy: Policy,
     /// Device id -> token.
     pub devices: BTreeMap<String, String>,
 }
@@ -73,6 +79,8 @@ impl Default for Config {
             topic_prefix: Topics::DEFAULT_PREFIX.to_string(),
             encoding: Encoding::Cbor,
             unknown_devices: UnknownDevices::Refuse,
+            insecure_registries: Vec::new(),
+            policy: Policy::default(),
             devices: BTreeMap::new(),
         }
     }
@@ -103,6 +111,14 @@ impl Config {
                  itself (add them to its password file), so set unknown-devices = \"refuse\"",
                 self.unknown_devices
             ));
+        }
+        for registry in &self.insecure_registries {
+            if registry.is_empty() || registry.contains(['/', ' ']) {
+                return invalid(format!("insecure-registries: {registry:?} must be a registry's host:port"));
+            }
+        }
+        if let Some(path) = self.policy.allowed_host_paths.iter().find(|p| !p.is_absolute()) {
+            return invalid(format!("policy.allowed-host-paths: {path:?} must be an absolute path"));
         }
         for (id, token) in &self.devices {
             if !valid_device_id(id) {
@@ -194,6 +210,22 @@ mod tests {
         assert!(err.contains("topic-prefix"), "{err}");
         let err = Config::parse("unknown-devices = \"maybe\"\n").unwrap_err().to_string();
         assert!(err.contains("refuse") && err.contains("hold"), "{err}");
+    }
+
+    #[test]
+    fn insecure_registries_and_the_policy_table_are_read_and_checked() {
+        let config = Config::parse(
+            "insecure-registries = [\"10.0.0.2:5000\"]\n[policy]\nallow-devices = true\nallowed-host-paths = [\"/data\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.insecure_registries, ["10.0.0.2:5000"]);
+        assert!(config.policy.allow_devices && !config.policy.allow_privileged);
+        let err = Config::parse("insecure-registries = [\"http://10.0.0.2:5000\"]\n").unwrap_err().to_string();
+        assert!(err.contains("host:port"), "{err}");
+        let err = Config::parse("[policy]\nallowed-host-paths = [\"data\"]\n").unwrap_err().to_string();
+        assert!(err.contains("policy.allowed-host-paths") && err.contains("absolute"), "{err}");
+        let err = Config::parse("[policy]\nallow-everything = true\n").unwrap_err().to_string();
+        assert!(err.contains("allow-everything"), "{err}");
     }
 
     #[test]

@@ -156,6 +156,56 @@ async fn a_pull_by_digest_gives_the_image_its_tag_resolved_to() {
     assert_eq!(by_digest.reference, by_digest_ref);
 }
 
+/// The digest `registry` serves for `reference`, as skopeo (not our code) sees it.
+fn served_digest(registry: &Registry, reference: &str) -> String {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+        .arg(format!("docker://{}/{reference}", registry.host()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo inspect: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn an_image_pinned_by_the_hub_as_tag_at_digest_runs_and_later_starts_again_without_the_registry() {
+    require_root();
+    let dir = TempDir::new().unwrap();
+    let (registry, _) = registry_with(dir.path(), "busybox:1", vec![]);
+    let digest = served_digest(&registry, "busybox:1");
+    let pinned = [format!("{}/busybox:1@{digest}", registry.host()), format!("{}/busybox@{digest}", registry.host())];
+    let mut agent = testkit::agent::Agent::new();
+    agent.extra_args = vec!["--insecure-registry".into(), registry.host()];
+    let spec = |name: &str, image: &str| {
+        format!(
+            "name = \"{name}\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", \"echo pinned\"]\n\
+             [restart]\nmode = \"never\"\n"
+        )
+    };
+    let ran = |name: &str| {
+        agent.wait_for(name, Duration::from_secs(15), "exited", |w| testkit::agent::state(w) == "exited");
+        assert!(agent.logs(name).contains("stdout pinned"), "{}", agent.logs(name));
+    };
+
+    agent.run_spec(&spec("tagged", &pinned[0]));
+    ran("tagged");
+    agent.run_spec(&spec("untagged", &pinned[1]));
+    ran("untagged");
+
+    let images: serde_json::Value = serde_json::from_str(&agent.ok(&["images", "--json"])).unwrap();
+    let listed: Vec<(&str, &str)> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["reference"].as_str().unwrap(), i["digest"].as_str().unwrap()))
+        .collect();
+    // The second reference was found locally by its digest: pulled once, listed once.
+    assert_eq!(listed, [(pinned[0].as_str(), digest.as_str())]);
+    drop(registry);
+    agent.run_spec(&spec("offline", &pinned[0]));
+    ran("offline");
+}
+
 #[tokio::test]
 async fn a_pull_cut_mid_blob_resumes_with_a_range_request_and_moves_little_more_than_the_image() {
     require_root();
@@ -213,6 +263,19 @@ async fn a_multi_platform_index_resolves_to_the_image_for_this_machine() {
 
     assert_eq!(image.digest, image_digest, "the platform's manifest, not the index");
     assert!(image.layers[0].join("bin/busybox").is_file());
+
+    // The hub pins such a tag to the index: the device still picks its platform.
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}/multi:1", registry.host()))
+        .output()
+        .unwrap();
+    assert!(raw.status.success(), "skopeo inspect: {}", String::from_utf8_lossy(&raw.stderr));
+    assert!(String::from_utf8_lossy(&raw.stdout).contains("\"manifests\""), "the registry serves the index");
+    let pinned = format!("{}/multi:1@{}", registry.host(), ota::Digest::of(&raw.stdout));
+    let image = store(dir.path()).pull(&pinned, &options(&registry.host()), &NoProgress).await.unwrap();
+    assert_eq!(image.digest, image_digest);
+    assert_eq!(image.reference, pinned);
 }
 
 /// Replaces the layout's single image by an index listing that image for

@@ -332,6 +332,40 @@ impl WorkloadSpec {
     }
 }
 
+/// The capabilities every workload has, before `capabilities` adds to them:
+/// Podman's default set, what ordinary images expect (chown, setuid to drop
+/// root, bind low ports), without NET_RAW, MKNOD or AUDIT_WRITE.
+pub const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYS_CHROOT",
+];
+
+/// A capability as the kernel names it: `net_admin`, `NET_ADMIN` and
+/// `CAP_NET_ADMIN` are all `CAP_NET_ADMIN`.
+pub fn capability_name(name: &str) -> String {
+    format!("CAP_{}", name.trim_start_matches("CAP_").to_ascii_uppercase())
+}
+
+/// Manifest media types asked of registries, by the agent when it pulls and
+/// by the hub when it pins a tag to a digest: a registry serves a manifest
+/// according to what is accepted, so both must ask alike for the digest the
+/// hub pins to be the one the agent gets.
+pub const ACCEPTED_MANIFESTS: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
 /// Names of workloads and volumes become directory names and container ids.
 pub fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();

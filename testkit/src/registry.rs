@@ -76,7 +76,8 @@ impl Registry {
     pub fn push(&self, layout: &Path, name_tag: &str) -> anyhow::Result<()> {
         require_tool("skopeo", "skopeo")?;
         let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--insecure-policy", "--dest-tls-verify=false"])
+            // `--all`: without it skopeo copies only this machine's image out of an index.
+            .args(["copy", "--all", "--quiet", "--insecure-policy", "--dest-tls-verify=false"])
             .arg(format!("oci:{}:{name_tag}", layout.display()))
             .arg(format!("docker://{}/{name_tag}", self.host()))
             .output()

@@ -12,26 +12,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{Capability, Spec};
-use outpost_proto::workload::{parse_user, Network, WorkloadSpec};
+use outpost_proto::workload::{capability_name, parse_user, Network, WorkloadSpec, DEFAULT_CAPABILITIES};
 use serde_json::{json, Value};
 
 use super::image::ImageConfig;
-
-/// Podman's default set: what ordinary images expect (chown, setuid to drop
-/// root, bind low ports), without NET_RAW, MKNOD or AUDIT_WRITE.
-const DEFAULT_CAPABILITIES: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SETFCAP",
-    "CAP_SETGID",
-    "CAP_SETPCAP",
-    "CAP_SETUID",
-    "CAP_SYS_CHROOT",
-];
 
 /// Syscalls a workload never needs and an attacker wants: kernel modules,
 /// kexec, reboot, swap, clock, keyring, BPF, tracing other processes, and
@@ -222,7 +206,7 @@ fn capabilities(w: &WorkloadSpec) -> Result<Vec<String>, SpecGenError> {
     }
     let mut caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
     for name in &w.capabilities {
-        let full = format!("CAP_{}", name.trim_start_matches("CAP_").to_ascii_uppercase());
+        let full = capability_name(name);
         if serde_json::from_value::<Capability>(Value::String(full.clone())).is_err() {
             return Err(SpecGenError::UnknownCapability { workload: w.name.clone(), name: name.clone() });
         }

@@ -10,6 +10,8 @@
 pub mod engine;
 pub mod judge;
 pub mod merge;
+pub mod pin;
+pub mod policy;
 pub mod waves;
 
 use outpost_proto::fleet::{DeploymentSpec, RolloutState};

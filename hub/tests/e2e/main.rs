@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod epoch;
 mod mosquitto;
+mod pin;
 mod rollouts;
 mod support;
 mod sync;

@@ -17,6 +17,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use oci_spec::image::{Descriptor, ImageManifest};
 use ota::{Digest, Hasher};
+use outpost_proto::workload::ACCEPTED_MANIFESTS;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::error::IoContext;
@@ -158,7 +159,7 @@ impl Puller<'_> {
         let (bytes, _) = self
             .retry(&what, || async {
                 self.client
-                    .pull_manifest_raw(reference, &RegistryAuth::Anonymous, oci::ACCEPTED_MANIFESTS)
+                    .pull_manifest_raw(reference, &RegistryAuth::Anonymous, ACCEPTED_MANIFESTS)
                     .await
                     .map_err(|e| self.classify(e))
             })
