@@ -8,6 +8,8 @@
 //! (`failed`, its workloads in `crash-loop`), and a failed revision returns
 //! its deployment to the revision it replaced (`rolled-back`), which stays
 //! until the desired state brings a newer revision than the failed one.
+//! Unlike the agent, it takes every desired state as valid (the hub checks
+//! them before sending) and keeps nothing across a restart.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
