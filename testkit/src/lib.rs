@@ -3,6 +3,7 @@
 //! cannot run here is a failure, never a silent skip.
 
 pub mod agent;
+pub mod fleet;
 pub mod hub;
 pub mod image;
 pub mod layers;
@@ -10,6 +11,7 @@ pub mod mosquitto;
 pub mod proxy;
 pub mod registry;
 
+pub use fleet::{FailureScript, SimSpec, SimulatedFleet};
 pub use mosquitto::Mosquitto;
 pub use proxy::CuttingProxy;
 pub use registry::Registry;

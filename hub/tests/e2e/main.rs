@@ -5,6 +5,7 @@ mod api;
 mod cli;
 mod commands;
 mod epoch;
+mod fleet;
 mod mosquitto;
 mod pin;
 mod rollouts;
