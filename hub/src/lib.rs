@@ -120,7 +120,11 @@ impl Hub {
         info!("HTTP API listening on {}", http_listener.local_addr()?);
         let engine = rollout::engine::Engine::new(self.store.clone(), publisher.clone());
         let rollouts = engine.clone().start(stopping.clone());
-        let app = api::router(self.store.clone(), publisher, logs, engine);
+        let admission = api::Admission {
+            policy: self.config.policy.clone(),
+            registries: rollout::pin::Registries { insecure: self.config.insecure_registries.clone() },
+        };
+        let app = api::router(self.store.clone(), publisher, logs, engine, admission);
         let mut http_stopping = stopping.clone();
         let http = tokio::spawn(
             axum::serve(http_listener, app)

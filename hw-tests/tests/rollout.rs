@@ -51,11 +51,19 @@ fn deployment(script: &str) -> Value {
         "strategy": { "waves": ["1", "100%"], "min-healthy": "1s", "max-failure-ratio": 0.1,
                       "on-failure": "rollback", "device-timeout": "60s" },
         "workloads": [{
-            "name": "svc", "image": "busybox:test", "command": ["/bin/sh", "-c", script],
+            "name": "svc", "image": busybox_pinned(), "command": ["/bin/sh", "-c", script],
             "stop-grace-period": "100ms",
             "restart": { "backoff-initial": "100ms", "crash-loop-threshold": 2 },
         }],
     })
+}
+
+/// The busybox image the agents imported, by digest: the hub pins images,
+/// and this one is in no registry it could ask.
+fn busybox_pinned() -> String {
+    let index = std::fs::read(testkit::image::busybox_layout().join("index.json")).unwrap();
+    let index: Value = serde_json::from_slice(&index).unwrap();
+    format!("{}@{}", testkit::image::BUSYBOX_TAG, index["manifests"][0]["digest"].as_str().unwrap())
 }
 
 impl Fleet {

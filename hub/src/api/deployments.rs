@@ -10,7 +10,8 @@ use outpost_proto::fleet::{valid_name, DeploymentSpec, DeploymentStatus};
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
-use crate::rollout::{DeploymentRecord, NotNow, Revision};
+use crate::rollout::pin::{self, PinError};
+use crate::rollout::{policy, DeploymentRecord, NotNow, Revision};
 
 pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Vec<DeploymentStatus>>, ApiError> {
     Ok(Json(state.engine.statuses().await?))
@@ -31,7 +32,7 @@ pub(super) async fn put(
     body: Bytes,
 ) -> Result<Json<DeploymentStatus>, ApiError> {
     check_name(&name)?;
-    let spec: DeploymentSpec = serde_json::from_slice(&body)
+    let mut spec: DeploymentSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("the deployment is not valid JSON of a deployment: {e}")))?;
     if spec.name != name {
         return Err(ApiError::BadRequest(format!(
@@ -40,6 +41,15 @@ pub(super) async fn put(
         )));
     }
     spec.validate().map_err(|e| ApiError::BadRequest(format!("deployment {name:?}: {e}")))?;
+    policy::admit(&state.admission.policy, &spec)
+        .map_err(|refusal| ApiError::Forbidden(format!("deployment {name:?} refused: {refusal}")))?;
+    // Pinned before storing, so a tag that moves later changes no revision.
+    pin::pin_images(&mut spec, &state.admission.registries).await.map_err(|e| match e {
+        PinError::InvalidReference { .. } | PinError::NotFound { .. } => {
+            ApiError::BadRequest(format!("deployment {name:?}: {e}"))
+        }
+        PinError::Unresolved { .. } => ApiError::Upstream(format!("deployment {name:?}: {e}")),
+    })?;
     let now = crate::sync::now_ms();
     let new = state.store.update_deployment(&name, |old| {
         let (record, new) = DeploymentRecord::apply(old, spec.clone(), now);

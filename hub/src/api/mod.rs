@@ -20,7 +20,11 @@ pub use devices::DeviceView;
 
 use crate::logs::SharedReplies;
 use crate::registry::{valid_device_id, CommandError, DesiredError, LabelsError};
+use std::sync::Arc;
+
 use crate::rollout::engine::Engine;
+use crate::rollout::pin::Registries;
+use crate::rollout::policy::Policy;
 use crate::store::{Store, StoreError};
 use crate::sync::Publisher;
 
@@ -30,9 +34,22 @@ struct AppState {
     publisher: Publisher,
     logs: SharedReplies,
     engine: Engine,
+    admission: Arc<Admission>,
 }
 
-pub(crate) fn router(store: Store, publisher: Publisher, logs: SharedReplies, engine: Engine) -> Router {
+/// What a deployment must pass before it is stored.
+pub(crate) struct Admission {
+    pub policy: Policy,
+    pub registries: Registries,
+}
+
+pub(crate) fn router(
+    store: Store,
+    publisher: Publisher,
+    logs: SharedReplies,
+    engine: Engine,
+    admission: Admission,
+) -> Router {
     Router::new()
         .route("/v1/devices", get(devices::list))
         .route("/v1/devices/{id}", get(devices::show))
@@ -50,7 +67,7 @@ pub(crate) fn router(store: Store, publisher: Publisher, logs: SharedReplies, en
         .route("/v1/pending-devices/{id}/approve", axum::routing::post(pending::approve))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .with_state(AppState { store, publisher, logs, engine })
+        .with_state(AppState { store, publisher, logs, engine, admission: Arc::new(admission) })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +78,12 @@ enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// Refused by the hub's admission policy.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A registry the hub asked failed.
+    #[error("{0}")]
+    Upstream(String),
     #[error("{0}")]
     WrongMethod(String),
     #[error(transparent)]
@@ -78,6 +101,8 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::WrongMethod(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Store(e) => {
                 tracing::error!("API request failed: {e}");

@@ -149,7 +149,7 @@ selector: { site: a }
 strategy: { waves: ["100%"], min-healthy: 0s }
 workloads:
   - name: web
-    image: web:1
+    image: web:1@sha256:0000000000000000000000000000000000000000000000000000000000000001
 "#;
 
 #[tokio::test]
@@ -180,7 +180,10 @@ async fn the_cli_applies_a_yaml_deployment_and_watches_its_rollout_complete() {
     let again = hub_cli(&hub.api, &["apply", "-f", file]).await;
     assert!(stdout(&again).contains("unchanged, revision 1"), "{}", stdout(&again));
     let history = hub_cli(&hub.api, &["deployment", "history", "app"]).await;
-    assert_eq!(stdout(&history).trim(), "revision 1  web=web:1");
+    assert_eq!(
+        stdout(&history).trim(),
+        "revision 1  web=web:1@sha256:0000000000000000000000000000000000000000000000000000000000000001"
+    );
     let paused = hub_cli(&hub.api, &["rollout", "pause", "app"]).await;
     assert!(!paused.status.success() && stderr(&paused).contains("cannot pause"), "{}", stderr(&paused));
     hub.stop().await;

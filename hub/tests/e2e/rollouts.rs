@@ -32,7 +32,7 @@ fn deployment(name: &str, selector: Value, image: &str, waves: &[&str]) -> Value
         "name": name,
         "selector": selector,
         "strategy": { "waves": waves, "min-healthy": "0s", "max-failure-ratio": 0.1, "on-failure": "rollback", "device-timeout": "30s" },
-        "workloads": [{ "name": format!("{name}-web"), "image": image }],
+        "workloads": [{ "name": format!("{name}-web"), "image": pinned(image) }],
     })
 }
 
@@ -197,10 +197,12 @@ async fn two_deployments_on_a_device_merge_and_a_shared_workload_goes_to_the_hig
     let hub = TestHub::start(config(dir.path())).await;
     let mut devices = site(&hub).await;
     let mut base = deployment("base", json!({}), "exporter:1", &["100%"]);
-    base["workloads"] = json!([{ "name": "metrics", "image": "exporter:1" }, { "name": "logs", "image": "fluent:1" }]);
+    base["workloads"] =
+        json!([{ "name": "metrics", "image": pinned("exporter:1") }, { "name": "logs", "image": pinned("fluent:1") }]);
     let mut app = deployment("app", json!({ "site": "b" }), "web:1", &["100%"]);
     app["priority"] = json!(10);
-    app["workloads"] = json!([{ "name": "web", "image": "web:1" }, { "name": "logs", "image": "app-logs:1" }]);
+    app["workloads"] =
+        json!([{ "name": "web", "image": pinned("web:1") }, { "name": "logs", "image": pinned("app-logs:1") }]);
     apply(&hub, &base).await;
     apply(&hub, &app).await;
 
@@ -210,7 +212,12 @@ async fn two_deployments_on_a_device_merge_and_a_shared_workload_goes_to_the_hig
         .state
         .deployments
         .iter()
-        .map(|d| (d.name.clone(), d.workloads.iter().map(|w| format!("{}={}", w.name, w.image)).collect()))
+        .map(|d| {
+            (
+                d.name.clone(),
+                d.workloads.iter().map(|w| format!("{}={}", w.name, w.image.split('@').next().unwrap())).collect(),
+            )
+        })
         .collect();
     assert_eq!(
         names,
@@ -337,5 +344,27 @@ async fn operators_pause_resume_and_roll_back_by_hand_and_bad_requests_say_why()
     bad["workloads"] = json!([]);
     let (status, body) = hub.put("/v1/deployments/bad", &bad.to_string()).await;
     assert!(status == 400 && body["error"].as_str().unwrap().contains("no workloads"), "{body}");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_deployment_breaking_the_admission_policy_is_refused_naming_each_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(config(dir.path())).await;
+    let mut spec = deployment("app", json!({}), "web:1", &["100%"]);
+    spec["workloads"][0]["privileged"] = json!(true);
+    spec["workloads"][0]["mounts"] = json!([{ "source": "/etc", "target": "/host-etc" }]);
+    let (status, body) = hub.put("/v1/deployments/app", &spec.to_string()).await;
+    assert_eq!(status, 403, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("policy.allow-privileged") && error.contains("policy.allowed-host-paths"), "{error}");
+    let (status, _) = hub.get("/v1/deployments/app").await;
+    assert_eq!(status, 404, "nothing stored");
+
+    let mut unpinned = deployment("app", json!({}), "web:1", &["100%"]);
+    unpinned["workloads"][0]["image"] = json!("127.0.0.1:1/web:1");
+    let (status, body) = hub.put("/v1/deployments/app", &unpinned.to_string()).await;
+    assert_eq!(status, 502, "a registry the hub cannot reach: {body}");
+    assert!(body["error"].as_str().unwrap().contains("pin the image yourself"), "{body}");
     hub.stop().await;
 }

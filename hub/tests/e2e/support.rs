@@ -352,3 +352,10 @@ pub fn workloads(view: &Value) -> BTreeMap<String, String> {
         .map(|w| (w["name"].as_str().unwrap().to_string(), w["state"].as_str().unwrap().to_string()))
         .collect()
 }
+
+/// An image reference pinned by a made-up digest: the hub takes it as
+/// written, without asking a registry.
+pub fn pinned(image: &str) -> String {
+    let hex: String = image.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{image}@sha256:{hex:0>64}")
+}

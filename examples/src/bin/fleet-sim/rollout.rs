@@ -68,9 +68,12 @@ fn deployment() -> DeploymentSpec {
         // The simulated devices do not wait for it: their script makes every revision healthy at once.
         rollback_window: Duration::from_secs(120),
         strategy: Strategy { waves: vec![Wave::Percent(100.0)], min_healthy: Duration::ZERO, ..Strategy::default() },
-        // One workload, as small as a real one.
+        // One workload, as small as a real one; pinned already, as the hub
+        // would pin it (the simulated devices pull nothing).
         workloads: vec![serde_json::from_value(serde_json::json!({
-            "name": "demo", "image": "busybox:latest", "command": ["/bin/sleep", "infinity"],
+            "name": "demo",
+            "image": "busybox:latest@sha256:0000000000000000000000000000000000000000000000000000000000000001",
+            "command": ["/bin/sleep", "infinity"],
         }))
         .expect("a valid workload")],
     }
