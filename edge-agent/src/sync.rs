@@ -38,6 +38,10 @@ use crate::store::Store;
 /// Events per message when the outbox is sent again.
 const EVENTS_PER_BATCH: usize = 100;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long the hub may take to acknowledge what the device sent before the
+/// device sends it again, doubling while nothing is acknowledged.
+const RESEND_FIRST: Duration = Duration::from_secs(30);
+const RESEND_MAX: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
@@ -90,8 +94,19 @@ pub async fn run(
         ));
     let (client, mut events) = AsyncClient::new(options, 256);
     let epoch = store.epoch();
-    let mut link =
-        Link { settings: &settings, store, epoch, supervisor, kick, client, sent_events: 0, last_view: None };
+    let mut link = Link {
+        settings: &settings,
+        store,
+        epoch,
+        supervisor,
+        kick,
+        client,
+        sent_events: 0,
+        sent_reports: 0,
+        acked: Ack { v: PROTOCOL_VERSION, epoch, events: 0, reports: 0 },
+        resend: Resend::default(),
+        last_view: None,
+    };
     let mut backoff = Duration::from_secs(1);
     let mut tick = tokio::time::interval(settings.report_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -112,8 +127,47 @@ pub async fn run(
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             },
-            _ = tick.tick() => link.report().await,
+            _ = tick.tick() => {
+                link.report().await;
+                link.resend_if_unacknowledged().await;
+            }
         }
+    }
+}
+
+/// When to send the outbox again while connected.
+#[derive(Debug)]
+struct Resend {
+    after: Duration,
+    /// Since when messages wait for the hub's ack (or since the last progress).
+    since: Option<tokio::time::Instant>,
+}
+
+impl Default for Resend {
+    fn default() -> Self {
+        Self { after: RESEND_FIRST, since: None }
+    }
+}
+
+impl Resend {
+    /// The hub acknowledged something new: it is alive, wait again in full.
+    fn progress(&mut self, now: tokio::time::Instant) {
+        *self = Self { after: RESEND_FIRST, since: Some(now) };
+    }
+
+    /// Whether to send again now; each resend doubles the next wait.
+    fn due(&mut self, waiting: bool, now: tokio::time::Instant) -> bool {
+        if !waiting {
+            *self = Self::default();
+            return false;
+        }
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) < self.after {
+            return false;
+        }
+        self.since = Some(now);
+        self.after = (self.after * 2).min(RESEND_MAX);
+        true
     }
 }
 
@@ -134,6 +188,11 @@ struct Link<'a> {
     client: AsyncClient,
     /// Highest event number handed to the client since the last connect.
     sent_events: u64,
+    /// Highest report number handed to the client.
+    sent_reports: u64,
+    /// The hub's newest ack of this store's messages.
+    acked: Ack,
+    resend: Resend,
     /// The workloads as last reported; `None` sends a full report next.
     last_view: Option<ReportedView>,
 }
@@ -165,14 +224,32 @@ impl Link<'_> {
         }
         let presence = encode(self.settings.encoding, &Presence { v: PROTOCOL_VERSION, online: true });
         self.publish(Channel::Presence, presence, true);
-        // Everything the hub has not acknowledged goes again, oldest first.
+        self.resend = Resend::default();
+        self.send_outbox().await;
+    }
+
+    /// Everything the hub has not acknowledged goes again, oldest first.
+    async fn send_outbox(&mut self) {
         let store = self.store.clone();
         let reports = blocking(move || store.reports()).await.unwrap_or_default();
-        for (_, payload) in reports {
+        for (seq, payload) in reports {
             self.publish(Channel::Reported, payload, false);
+            self.sent_reports = self.sent_reports.max(seq);
         }
         self.sent_events = 0;
         self.send_events().await;
+    }
+
+    /// A PUBACK says only that the broker has a message, and a broker may
+    /// still drop it (rumqttd drops a slow subscriber's oldest messages); a
+    /// message that did not fit the client's queue waits too. The hub's ack
+    /// is the receipt: without it, the outbox goes again.
+    async fn resend_if_unacknowledged(&mut self) {
+        let waiting = self.sent_reports > self.acked.reports || self.sent_events > self.acked.events;
+        if self.resend.due(waiting, tokio::time::Instant::now()) {
+            tracing::info!("the hub has not acknowledged what this device sent; sending it again");
+            self.send_outbox().await;
+        }
     }
 
     async fn on_publish(&mut self, topic: &str, payload: &[u8]) {
@@ -206,6 +283,10 @@ impl Link<'_> {
                     );
                 }
                 Ok(ack) => {
+                    if ack.events > self.acked.events || ack.reports > self.acked.reports {
+                        self.resend.progress(tokio::time::Instant::now());
+                    }
+                    self.acked = ack;
                     let store = self.store.clone();
                     blocking(move || store.ack_events(ack.events).and_then(|_| store.ack_reports(ack.reports))).await;
                 }
@@ -270,6 +351,7 @@ impl Link<'_> {
                     .await;
             if let Some(seq) = seq {
                 self.publish(Channel::Reported, encode(encoding, &Report { epoch, seq, ..report }), false);
+                self.sent_reports = seq;
                 self.last_view = Some(view);
             }
         }
@@ -474,6 +556,27 @@ mod tests {
         let reply = logs_reply(3, "nope".into(), Err("no workload named \"nope\" on this device".into()), 10);
         assert!(reply.lines.is_empty());
         assert_eq!(reply.error.as_deref(), Some("no workload named \"nope\" on this device"));
+    }
+
+    #[test]
+    fn unacknowledged_messages_go_again_after_30s_then_ever_more_rarely_until_the_hub_acks() {
+        let start = tokio::time::Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut resend = Resend::default();
+        assert!(!resend.due(true, at(0)));
+        assert!(!resend.due(true, at(29)));
+        assert!(resend.due(true, at(30)));
+        assert!(!resend.due(true, at(89)), "the second wait is twice the first");
+        assert!(resend.due(true, at(90)));
+        resend.progress(at(100));
+        assert!(!resend.due(true, at(129)), "an ack starts the wait over");
+        assert!(resend.due(true, at(130)));
+        assert!(!resend.due(false, at(1000)), "nothing waiting");
+        assert!(!resend.due(true, at(1001)));
+        for hour in 1..=10 {
+            assert!(resend.due(true, at(3600 * hour)));
+        }
+        assert_eq!(resend.after, RESEND_MAX);
     }
 
     #[test]

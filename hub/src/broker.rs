@@ -30,7 +30,7 @@ const MAX_PAYLOAD: usize = 256 * 1024;
 /// device go to the hub's four subscriptions, each filter with segments of
 /// its own: room for a burst from the whole fleet (or for 16 logs replies of
 /// 64 KiB at once).
-const FLEET_SEGMENT: SegmentConfig = SegmentConfig { max_segment_size: 1 << 20, max_segment_count: 2 };
+const FLEET_SEGMENT: SegmentConfig = SegmentConfig { max_segment_size: 4 << 20, max_segment_count: 2 };
 /// Each device's desired, ack and command topics: only the newest message
 /// matters (desired states and acks are retained and cumulative), so the
 /// smallest segment rumqttd allows, times one.

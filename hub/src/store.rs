@@ -68,6 +68,18 @@ pub struct Device {
     pub rollouts: BTreeMap<String, Sent>,
 }
 
+/// What the rollout engine reads of every device once a second: the
+/// device record without its workloads, which it does not need.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct DeviceSummary {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub online: bool,
+    pub generation: Option<u64>,
+    pub rollouts: BTreeMap<String, Sent>,
+}
+
 /// A device refused while `unknown-devices = "hold"`, waiting for an
 /// operator. Only a hash of its token is kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +155,10 @@ impl Store {
 
     /// Every device, by id.
     pub fn devices(&self) -> Result<Vec<Device>, StoreError> {
+        self.devices.iter().values().map(|bytes| decode(&bytes?, "a device")).collect()
+    }
+
+    pub fn device_summaries(&self) -> Result<Vec<DeviceSummary>, StoreError> {
         self.devices.iter().values().map(|bytes| decode(&bytes?, "a device")).collect()
     }
 

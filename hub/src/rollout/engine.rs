@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use super::judge::{self, DeviceFacts, DeviceState, Sent, Step};
 use super::merge::{self, Offer};
 use super::{waves, DeploymentRecord};
-use crate::store::{Device, Store, StoreError};
+use crate::store::{DeviceSummary, Store, StoreError};
 use crate::sync::Publisher;
 
 const TICK: Duration = Duration::from_secs(1);
@@ -105,7 +105,12 @@ struct Judged<'a> {
     dues: Vec<(&'a str, u64)>,
 }
 
-fn judge<'a>(record: &DeploymentRecord, order: &[&'a str], devices: &HashMap<&str, &Device>, now: u64) -> Judged<'a> {
+fn judge<'a>(
+    record: &DeploymentRecord,
+    order: &[&'a str],
+    devices: &HashMap<&str, &DeviceSummary>,
+    now: u64,
+) -> Judged<'a> {
     let strategy = &record.newest().spec.strategy;
     let covered = waves::covered(&strategy.waves, record.rollout.wave, order.len());
     let mut judged =
@@ -158,8 +163,8 @@ fn step(record: &mut DeploymentRecord, reached: &[DeviceState], now: u64) -> boo
 }
 
 fn pass(store: &Store, now: u64) -> Result<Pass, StoreError> {
-    let devices = store.devices()?;
-    let by_id: HashMap<&str, &Device> = devices.iter().map(|d| (d.id.as_str(), d)).collect();
+    let devices = store.device_summaries()?;
+    let by_id: HashMap<&str, &DeviceSummary> = devices.iter().map(|d| (d.id.as_str(), d)).collect();
     let mut records = store.deployment_records()?;
     let mut statuses = BTreeMap::new();
     // Device -> (index into records, revision due).
@@ -213,6 +218,13 @@ fn pass(store: &Store, now: u64) -> Result<Pass, StoreError> {
                     status.conflicts.push(conflict.clone());
                 }
             }
+        }
+        // The engine alone writes a managed device's desired state, and notes
+        // each deployment's revision in it: unchanged revisions, unchanged state.
+        let same = deployments.len() == device.rollouts.len()
+            && deployments.iter().all(|d| device.rollouts.get(&d.name).is_some_and(|s| s.revision == d.revision));
+        if same {
+            continue;
         }
         let stored = store.desired(&device.id)?;
         if stored.as_ref().map(|s| &s.deployments) == Some(&deployments) {

@@ -2,7 +2,8 @@
 //! protocol as the edge-agent does (docs/protocol.md, edge-agent/src/sync.rs),
 //! in front of a simulated runtime (runtime.rs). Reports and events are
 //! numbered and kept in an outbox until the hub's ack, and sent again after
-//! every reconnect; there is no store, so no epoch (0, as an agent before epochs).
+//! every reconnect or when unacknowledged for long; there is no store, so no
+//! epoch (0, as an agent before epochs).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -33,6 +34,10 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// As the agent.
 const EVENTS_PER_BATCH: usize = 100;
+/// As the agent: what the hub has not acknowledged goes again after 30 s,
+/// then ever more rarely (a broker may drop what it acknowledged).
+const RESEND_FIRST: Duration = Duration::from_secs(30);
+const RESEND_MAX: Duration = Duration::from_secs(600);
 /// No store, so no epoch: the hub counts the numbers as they come, as from an agent before epochs.
 const EPOCH: u64 = 0;
 
@@ -96,6 +101,8 @@ pub(super) async fn run(link: Link, connecting: Arc<Semaphore>) {
         events: VecDeque::new(),
         sent_events: 0,
         verdicts: Vec::new(),
+        resend_at: None,
+        resend_after: RESEND_FIRST,
     };
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -124,7 +131,9 @@ pub(super) async fn run(link: Link, connecting: Arc<Semaphore>) {
                 }
             },
             _ = sleep_until(next_verdict) => device.judge_due(),
+            _ = sleep_until(device.resend_at) => device.resend(),
         }
+        device.arm_resend();
     }
 }
 
@@ -154,6 +163,9 @@ struct Device {
     sent_events: u64,
     /// Verdicts due: when, deployment, revision.
     verdicts: Vec<(Instant, String, u64)>,
+    /// When to send the outbox again if the hub has not acknowledged it.
+    resend_at: Option<Instant>,
+    resend_after: Duration,
 }
 
 impl Device {
@@ -177,15 +189,34 @@ impl Device {
             .map(|channel| rumqttc::SubscribeFilter::new(self.topic(channel), QoS::AtLeastOnce));
         let _ = self.client.try_subscribe_many(filters);
         self.publish(Channel::Presence, true, online);
+        self.send_outbox();
+        // As an agent after its start: a full report first.
+        if self.report_seq == 0 {
+            self.full_report();
+        }
+    }
+
+    fn send_outbox(&mut self) {
         for (_, payload) in &self.reports {
             self.publish(Channel::Reported, false, payload.clone());
         }
         self.sent_events = 0;
         self.send_events();
-        // As an agent after its start: a full report first.
-        if self.report_seq == 0 {
-            self.full_report();
+    }
+
+    fn arm_resend(&mut self) {
+        if self.reports.is_empty() && self.events.is_empty() {
+            self.resend_at = None;
+            self.resend_after = RESEND_FIRST;
+        } else if self.resend_at.is_none() {
+            self.resend_at = Some(Instant::now() + self.resend_after);
         }
+    }
+
+    fn resend(&mut self) {
+        self.send_outbox();
+        self.resend_after = (self.resend_after * 2).min(RESEND_MAX);
+        self.resend_at = Some(Instant::now() + self.resend_after);
     }
 
     fn on_publish(&mut self, topic: &str, payload: &[u8]) {
@@ -206,8 +237,14 @@ impl Device {
                 if ack.epoch != EPOCH {
                     return;
                 }
+                let before = self.reports.len() + self.events.len();
                 self.reports.retain(|(seq, _)| *seq > ack.reports);
                 self.events.retain(|event| event.seq > ack.events);
+                if self.reports.len() + self.events.len() < before {
+                    // The hub is alive: a full wait again.
+                    self.resend_at = None;
+                    self.resend_after = RESEND_FIRST;
+                }
                 if let Some((_, generation)) = self.awaiting.filter(|(seq, _)| *seq <= ack.reports) {
                     self.awaiting = None;
                     self.lock().acknowledged = Some(generation);
