@@ -298,6 +298,10 @@ impl Store {
         self.deployments.get(name)?.map(|bytes| decode(&bytes, name)).transpose()
     }
 
+    pub fn has_deployments(&self) -> Result<bool, StoreError> {
+        Ok(!self.deployments.is_empty())
+    }
+
     pub fn deployment_records(&self) -> Result<Vec<DeploymentRecord>, StoreError> {
         self.deployments.iter().values().map(|bytes| decode(&bytes?, "a deployment")).collect()
     }

@@ -5,6 +5,7 @@
 //! rollout where it was.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -30,11 +31,14 @@ pub struct Engine {
     statuses: Arc<RwLock<BTreeMap<String, DeploymentStatus>>>,
     /// One pass at a time; true once one has run.
     passing: Arc<Mutex<bool>>,
+    /// The last pass found no deployment and no device that runs one: until
+    /// an operator applies one, passes have nothing to do.
+    idle: Arc<AtomicBool>,
 }
 
 impl Engine {
     pub fn new(store: Store, publisher: Publisher) -> Self {
-        Self { store, publisher, statuses: Arc::default(), passing: Arc::default() }
+        Self { store, publisher, statuses: Arc::default(), passing: Arc::default(), idle: Arc::default() }
     }
 
     pub async fn status(&self, name: &str) -> Result<Option<DeploymentStatus>, StoreError> {
@@ -59,8 +63,11 @@ impl Engine {
     pub fn start(self, mut stopping: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             loop {
-                if let Err(e) = self.pass().await {
-                    error!("rollouts: {e}");
+                let idle = self.idle.load(Ordering::Relaxed) && !self.store.has_deployments().unwrap_or(true);
+                if !idle {
+                    if let Err(e) = self.pass().await {
+                        error!("rollouts: {e}");
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(TICK) => {}
@@ -78,6 +85,7 @@ impl Engine {
         let now = crate::sync::now_ms();
         let pass =
             tokio::task::spawn_blocking(move || pass(&store, now)).await.expect("a rollout pass does not panic")?;
+        self.idle.store(pass.idle, Ordering::Relaxed);
         *self.statuses.write().unwrap_or_else(|p| p.into_inner()) = pass.statuses;
         *passed = true;
         if !pass.changed.is_empty() {
@@ -94,6 +102,7 @@ struct Pass {
     statuses: BTreeMap<String, DeploymentStatus>,
     /// Devices whose desired state the pass changed.
     changed: Vec<String>,
+    idle: bool,
 }
 
 /// Where one rollout stands on the fleet.
@@ -192,6 +201,7 @@ fn pass(store: &Store, now: u64) -> Result<Pass, StoreError> {
     }
 
     let mut changed = Vec::new();
+    let idle = records.is_empty() && devices.iter().all(|d| d.rollouts.is_empty());
     for device in &devices {
         let due = dues.remove(device.id.as_str()).unwrap_or_default();
         if due.is_empty() && device.rollouts.is_empty() {
@@ -243,7 +253,7 @@ fn pass(store: &Store, now: u64) -> Result<Pass, StoreError> {
         store.put_desired(&device.id, &DesiredState { version: DESIRED_STATE_VERSION, generation, deployments })?;
         changed.push(device.id.clone());
     }
-    Ok(Pass { statuses, changed })
+    Ok(Pass { statuses, changed, idle })
 }
 
 fn status(record: &DeploymentRecord, targeted: usize, counts: Counts) -> DeploymentStatus {
