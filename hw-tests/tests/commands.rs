@@ -22,16 +22,7 @@ fn site() -> Site {
     let mut agent = Agent::new();
     testkit::import_busybox(&agent);
     let hub = Hub::new(&[(DEVICE, TOKEN)]);
-    let config = agent.data.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "device-id = \"{DEVICE}\"\nhub = \"mqtt://{}\"\nhub-token = \"{TOKEN}\"\nreport-interval = \"200ms\"\nkeep-alive = \"5s\"\n",
-            hub.mqtt
-        ),
-    )
-    .unwrap();
-    agent.extra_args = vec!["--config".into(), config.to_str().unwrap().into()];
+    agent.link_to(hub.mqtt, DEVICE, TOKEN);
     agent.start_daemon();
     Site { hub, agent }
 }

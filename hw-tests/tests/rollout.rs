@@ -24,16 +24,7 @@ fn fleet() -> Fleet {
     for (device, token) in DEVICES {
         let mut agent = Agent::new();
         testkit::import_busybox(&agent);
-        let config = agent.data.path().join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "device-id = \"{device}\"\nhub = \"mqtt://{}\"\nhub-token = \"{token}\"\nreport-interval = \"200ms\"\nkeep-alive = \"5s\"\n",
-                hub.mqtt
-            ),
-        )
-        .unwrap();
-        agent.extra_args = vec!["--config".into(), config.to_str().unwrap().into()];
+        agent.link_to(hub.mqtt, device, token);
         agent.start_daemon();
         let labelled = hub.cli(&["label", device, "site=rig"]);
         assert!(labelled.status.success(), "{}", String::from_utf8_lossy(&labelled.stderr));

@@ -49,16 +49,7 @@ fn site(broker: Broker) -> Site {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let proxy = runtime.block_on(CuttingProxy::start(hub.mqtt)).unwrap();
     let mut agent = agent;
-    let config = agent.data.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "device-id = \"{DEVICE}\"\nhub = \"mqtt://{}\"\nhub-token = \"{TOKEN}\"\nreport-interval = \"200ms\"\nkeep-alive = \"5s\"\n",
-            proxy.addr()
-        ),
-    )
-    .unwrap();
-    agent.extra_args = vec!["--config".into(), config.to_str().unwrap().into()];
+    agent.link_to(proxy.addr(), DEVICE, TOKEN);
     agent.start_daemon();
     Site { hub, proxy, agent, mosquitto, _runtime: runtime }
 }

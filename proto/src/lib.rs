@@ -12,3 +12,19 @@ pub use event::{Event, EventKind};
 pub use fleet::DeploymentSpec;
 pub use size::ByteSize;
 pub use workload::WorkloadSpec;
+
+/// An error and its causes on one line: an HTTP client's own message alone
+/// rarely says what went wrong.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}

@@ -55,6 +55,21 @@ impl Agent {
         Self { binary: agent_binary(), data, run, cgroup_parent, extra_args: Vec::new(), daemon: Mutex::new(None) }
     }
 
+    /// Runs every later command with this configuration file.
+    pub fn use_config(&mut self, toml: &str) {
+        let config = self.data.path().join("agent.toml");
+        std::fs::write(&config, toml).expect("writing the agent's configuration");
+        self.extra_args = vec!["--config".into(), config.to_str().expect("a UTF-8 path").into()];
+    }
+
+    /// Links the agent to a hub's broker at `mqtt` as `device`, with the
+    /// short intervals tests want.
+    pub fn link_to(&mut self, mqtt: std::net::SocketAddr, device: &str, token: &str) {
+        self.use_config(&format!(
+            "device-id = \"{device}\"\nhub = \"mqtt://{mqtt}\"\nhub-token = \"{token}\"\nreport-interval = \"200ms\"\nkeep-alive = \"5s\"\n"
+        ));
+    }
+
     pub fn command(&self) -> Command {
         let mut command = Command::new(self.binary);
         command

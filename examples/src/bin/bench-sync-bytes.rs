@@ -53,16 +53,11 @@ fn measure(encoding: &'static str, idle: Duration) -> anyhow::Result<Figures> {
     let proxy = runtime.block_on(CuttingProxy::start(hub.mqtt))?;
     let mut agent = Agent::new();
     testkit::import_busybox(&agent);
-    let config = agent.data.path().join("agent.toml");
     // Defaults for everything that shapes traffic, but the encoding under test.
-    std::fs::write(
-        &config,
-        format!(
-            "device-id = \"{DEVICE}\"\nhub = \"mqtt://{}\"\nhub-token = \"{TOKEN}\"\nencoding = \"{encoding}\"\n",
-            proxy.addr()
-        ),
-    )?;
-    agent.extra_args = vec!["--config".into(), config.to_str().context("utf-8 path")?.into()];
+    agent.use_config(&format!(
+        "device-id = \"{DEVICE}\"\nhub = \"mqtt://{}\"\nhub-token = \"{TOKEN}\"\nencoding = \"{encoding}\"\n",
+        proxy.addr()
+    ));
     agent.start_daemon();
 
     hub.set_desired(DEVICE, &document(1));

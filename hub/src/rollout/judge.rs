@@ -23,6 +23,22 @@ pub struct Rollout {
     pub reason: Option<String>,
 }
 
+impl Rollout {
+    /// A rollout of `revision` from its first wave.
+    pub fn start(revision: u64, previous: Option<u64>, now: u64) -> Self {
+        Self {
+            revision,
+            previous,
+            state: RolloutState::Progressing,
+            wave: 0,
+            wave_started_at: now,
+            started_at: now,
+            updated_at: now,
+            reason: None,
+        }
+    }
+}
+
 /// What the hub sent a device for one deployment, and how it went; kept in
 /// the device's record and updated from its reports and events.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

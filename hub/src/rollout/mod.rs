@@ -50,17 +50,7 @@ impl DeploymentRecord {
     /// is the newest revision already; returns whether it was new.
     pub fn apply(record: Option<Self>, spec: DeploymentSpec, now: u64) -> (Self, bool) {
         let Some(mut record) = record else {
-            let rollout = Rollout {
-                revision: 1,
-                previous: None,
-                state: RolloutState::Progressing,
-                wave: 0,
-                wave_started_at: now,
-                started_at: now,
-                updated_at: now,
-                reason: None,
-            };
-            let name = spec.name.clone();
+            let (name, rollout) = (spec.name.clone(), Rollout::start(1, None, now));
             return (Self { name, revisions: vec![Revision { revision: 1, created_at: now, spec }], rollout }, true);
         };
         if record.newest().spec == spec {
@@ -68,16 +58,7 @@ impl DeploymentRecord {
         }
         let revision = record.newest().revision + 1;
         record.revisions.push(Revision { revision, created_at: now, spec });
-        record.rollout = Rollout {
-            revision,
-            previous: Some(record.effective_revision()).filter(|&r| r > 0),
-            state: RolloutState::Progressing,
-            wave: 0,
-            wave_started_at: now,
-            started_at: now,
-            updated_at: now,
-            reason: None,
-        };
+        record.rollout = Rollout::start(revision, Some(record.effective_revision()).filter(|&r| r > 0), now);
         (record, true)
     }
 
@@ -144,14 +125,8 @@ impl DeploymentRecord {
             return Err(NotNow(format!("devices of {} are due revision {to} already", self.name)));
         }
         self.rollout = Rollout {
-            revision: to,
-            previous: Some(effective).filter(|&r| r > 0),
-            state: RolloutState::Progressing,
-            wave: 0,
-            wave_started_at: now,
-            started_at: now,
-            updated_at: now,
             reason: Some(format!("rollback to revision {to} by an operator")),
+            ..Rollout::start(to, Some(effective).filter(|&r| r > 0), now)
         };
         Ok(())
     }

@@ -104,22 +104,6 @@ fn failure(workload: &WorkloadSpec, reference: &Reference, error: OciDistributio
     if not_found {
         PinError::NotFound { workload, image, registry: reference.resolve_registry().to_string() }
     } else {
-        PinError::Unresolved { workload, image, cause: chain(&error) }
+        PinError::Unresolved { workload, image, cause: outpost_proto::error_chain(&error) }
     }
-}
-
-/// An error and its causes on one line: reqwest's own message alone rarely
-/// says what went wrong.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = e.source();
-    }
-    out
 }

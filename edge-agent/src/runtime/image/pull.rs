@@ -372,10 +372,11 @@ impl Puller<'_> {
             transient,
         };
         match error {
-            OciDistributionError::RequestError(e) if e.is_connect() => {
-                Failure { error: ImageError::RegistryUnreachable { registry, detail: chain(&e) }, transient: true }
-            }
-            OciDistributionError::RequestError(e) => other(chain(&e), true),
+            OciDistributionError::RequestError(e) if e.is_connect() => Failure {
+                error: ImageError::RegistryUnreachable { registry, detail: outpost_proto::error_chain(&e) },
+                transient: true,
+            },
+            OciDistributionError::RequestError(e) => other(outpost_proto::error_chain(&e), true),
             OciDistributionError::RegistryError { envelope, .. } => {
                 let codes: Vec<_> = envelope.errors.iter().map(|e| &e.code).collect();
                 if codes.iter().any(|c| {
@@ -422,7 +423,7 @@ impl Puller<'_> {
             return ImageError::DigestMismatch { blob: blob.to_string(), actual: actual.clone() }.into();
         }
         Failure {
-            error: ImageError::Registry { registry: self.registry.clone(), detail: chain(&error) },
+            error: ImageError::Registry { registry: self.registry.clone(), detail: outpost_proto::error_chain(&error) },
             transient: true,
         }
     }
@@ -463,20 +464,4 @@ fn open_partial(path: &Path) -> Result<(nix::fcntl::Flock<std::fs::File>, Hasher
         hasher.update(&buf[..n]);
     }
     Ok((lock, hasher))
-}
-
-/// An error and its causes on one line: reqwest's own message alone rarely
-/// says what went wrong.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = e.source();
-    }
-    out
 }
