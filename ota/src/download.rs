@@ -145,11 +145,8 @@ pub async fn fetch(client: &reqwest::Client, download: &Download, retry: RetryPo
         let before = partial.hasher.byte_count();
         let result = attempt(client, download, &mut partial, bucket.as_mut()).await;
         // Keep what arrived even if the process dies while backing off.
-        let synced = partial.file.sync_data().await.map_err(|e| partial.io("sync", e));
-        let error = match (result, synced) {
-            (Ok(()), Ok(())) => break,
-            (Err(error), _) | (Ok(()), Err(error)) => error,
-        };
+        partial.file.sync_data().await.map_err(|e| partial.io("sync", e))?;
+        let Err(error) = result else { break };
         if error.spoils_partial() {
             drop(partial);
             remove_partial(&path).await?;
@@ -245,10 +242,7 @@ async fn attempt(
         let chunk = match response.chunk().await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => break,
-            Err(source) => {
-                partial.file.flush().await.map_err(|e| partial.io("write", e))?;
-                return Err(DownloadError::Request { url: url(), source });
-            }
+            Err(source) => return Err(DownloadError::Request { url: url(), source }),
         };
         let room = download.length - partial.hasher.byte_count();
         if chunk.len() as u64 > room {
@@ -266,7 +260,6 @@ async fn attempt(
             unsynced = 0;
         }
     }
-    partial.file.flush().await.map_err(|e| partial.io("write", e))?;
     let received = partial.hasher.byte_count();
     if received < download.length {
         return Err(DownloadError::EndedEarly { url: url(), received, expected: download.length });

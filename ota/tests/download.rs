@@ -252,3 +252,33 @@ async fn bandwidth_cap_of_512_kb_per_second_makes_256_kb_take_at_least_0_4_secon
     assert!(start.elapsed() >= Duration::from_millis(400), "took {:?}", start.elapsed());
     assert_eq!(std::fs::read(&download.dest).unwrap(), *artifact);
 }
+
+#[tokio::test]
+async fn server_serving_another_length_is_refused_and_leaves_no_file() {
+    let artifact = random_artifact(64 * KB);
+    let server = Server::start(Content::Artifact(artifact.clone())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let download = Download { length: artifact.len() as u64 + 1, ..download_of(&artifact, server.addr, &dir) };
+
+    let error = fetch_guarded(&download).await.unwrap_err();
+
+    assert!(matches!(error, DownloadError::LengthMismatch { served: 65_536, .. }), "{error}");
+    assert_eq!(files_in(&dir), Vec::<PathBuf>::new());
+}
+
+#[tokio::test]
+async fn link_that_stays_down_makes_fetch_give_up_and_keep_the_partial_file() {
+    let artifact = random_artifact(256 * KB);
+    let server = Server::start(Content::Artifact(artifact.clone())).await;
+    let proxy = CuttingProxy::start(server.addr).await.unwrap();
+    proxy.set_link_down(true);
+    let dir = tempfile::tempdir().unwrap();
+    let download = download_of(&artifact, proxy.addr(), &dir);
+    std::fs::write(download.partial_path(), &artifact[..100 * KB]).unwrap();
+
+    let error = fetch_guarded(&download).await.unwrap_err();
+
+    assert!(matches!(error, DownloadError::GaveUp { failures: 5, .. }), "{error}");
+    assert_eq!(std::fs::read(download.partial_path()).unwrap(), artifact[..100 * KB]);
+    assert!(!download.dest.exists());
+}
