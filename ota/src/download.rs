@@ -52,6 +52,7 @@ impl Download {
 /// that keeps breaking but keeps making progress finishes the download.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
+    /// Gives up at this many failures in a row.
     pub attempts: u32,
     /// Wait before the first retry; doubles each time, up to `max_backoff`.
     pub backoff: Duration,
@@ -79,7 +80,7 @@ pub enum DownloadError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("{url} answered HTTP {status}")]
+    #[error("{url} answered HTTP {status}; the partial file is kept, so fetching again resumes once the server serves the artifact")]
     Status { url: String, status: StatusCode },
     #[error("{url} ended the transfer at {received} of {expected} bytes")]
     EndedEarly { url: String, received: u64, expected: u64 },
