@@ -1,6 +1,9 @@
-//! Outpost's trust crate: content digests now; signed metadata, resumable
-//! downloads and A/B slots next.
+//! Outpost's trust crate: content digests and Ed25519 keys; signed metadata,
+//! resumable downloads and A/B slots next.
 
 pub mod digest;
+mod hex;
+pub mod keys;
 
 pub use digest::{Digest, DigestParseError, Hasher, HashingReader, HashingWriter};
+pub use keys::{KeyError, PublicKey, SigningKey};
