@@ -5,6 +5,7 @@ pub mod canonical;
 pub mod digest;
 mod hex;
 pub mod keys;
+pub mod metadata;
 
 pub use digest::{Digest, DigestParseError, Hasher, HashingReader, HashingWriter};
 pub use keys::{KeyError, PublicKey, SigningKey};
