@@ -8,10 +8,15 @@ pub(crate) fn encode(bytes: &[u8]) -> String {
 /// per value, so a key id or signature cannot be written two ways.
 pub(crate) fn decode(text: &str) -> Option<Vec<u8>> {
     let valid = |c: u8| c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
-    if text.len() % 2 != 0 || !text.bytes().all(valid) {
+    if !text.bytes().all(valid) {
         return None;
     }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
+    let nibble = |c: u8| char::from(c).to_digit(16);
+    let byte = |pair: &[u8]| match *pair {
+        [high, low] => Some((nibble(high)? * 16 + nibble(low)?) as u8),
+        _ => None,
+    };
+    text.as_bytes().chunks(2).map(byte).collect()
 }
 
 #[cfg(test)]

@@ -1,11 +1,20 @@
-//! Outpost's trust crate: content digests and Ed25519 keys; signed metadata,
-//! resumable downloads and A/B slots next.
+//! Outpost's trust crate: what a device checks before it installs an update.
+//!
+//! - [`digest`]: SHA-256 content digests, hashed while content streams.
+//! - [`keys`]: Ed25519 keys on ring; a key's id is the SHA-256 of its public key.
+//! - [`canonical`]: canonical JSON, the bytes signatures cover.
+//! - [`metadata`]: TUF-shaped roles (root, targets, snapshot, timestamp).
+//! - [`verify`]: threshold signatures, root rotation, anti-rollback, expiry
+//!   with clock skew, size caps, version consistency between roles, and
+//!   target hardware, length and hash checks, all with the clock passed in.
 
 pub mod canonical;
 pub mod digest;
 mod hex;
 pub mod keys;
 pub mod metadata;
+pub mod verify;
 
 pub use digest::{Digest, DigestParseError, Hasher, HashingReader, HashingWriter};
 pub use keys::{KeyError, PublicKey, SigningKey};
+pub use verify::{TrustedState, VerifyError, Versions};

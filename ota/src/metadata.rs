@@ -41,7 +41,6 @@ impl fmt::Display for RoleType {
 /// What every role's `signed` object has in common.
 pub trait Role: Serialize + DeserializeOwned {
     const TYPE: RoleType;
-    fn kind(&self) -> RoleType;
     fn version(&self) -> u64;
     fn expires(&self) -> SystemTime;
 }
@@ -192,9 +191,6 @@ macro_rules! role {
     ($ty:ty, $role:expr) => {
         impl Role for $ty {
             const TYPE: RoleType = $role;
-            fn kind(&self) -> RoleType {
-                self.kind
-            }
             fn version(&self) -> u64 {
                 self.version
             }
