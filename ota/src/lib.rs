@@ -1,8 +1,25 @@
-//! Outpost's trust crate: content digests and resumable, verified downloads
-//! now; signed metadata and A/B slots next.
+//! Outpost's trust crate: what a device checks before it installs an update,
+//! and how it fetches it.
+//!
+//! - [`digest`]: SHA-256 content digests, hashed while content streams.
+//! - [`keys`]: Ed25519 keys on ring; a key's id is the SHA-256 of its public key.
+//! - [`canonical`]: canonical JSON, the bytes signatures cover.
+//! - [`metadata`]: TUF-shaped roles (root, targets, snapshot, timestamp).
+//! - [`verify`]: threshold signatures, root rotation, anti-rollback, expiry
+//!   with clock skew, size caps, version consistency between roles, and
+//!   target hardware, length and hash checks, all with the clock passed in.
+//! - [`download`]: downloads that resume from the byte where a drop left
+//!   them, capped at their signed length, verified, optionally paced.
 
+pub mod canonical;
 pub mod digest;
 pub mod download;
+mod hex;
+pub mod keys;
+pub mod metadata;
+pub mod verify;
 
 pub use digest::{Digest, DigestParseError, Hasher, HashingReader, HashingWriter};
 pub use download::{fetch, Download, DownloadError, RetryPolicy};
+pub use keys::{KeyError, PublicKey, SigningKey};
+pub use verify::{TrustedState, VerifyError, Versions};
