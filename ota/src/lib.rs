@@ -10,6 +10,8 @@
 //!   target hardware, length and hash checks, all with the clock passed in.
 //! - [`download`]: downloads that resume from the byte where a drop left
 //!   them, capped at their signed length, verified, optionally paced.
+//! - [`slots`]: A/B slots with a boot environment that rolls an update back
+//!   when it does not confirm itself healthy within its boot limit.
 
 pub mod canonical;
 pub mod digest;
@@ -17,9 +19,11 @@ pub mod download;
 mod hex;
 pub mod keys;
 pub mod metadata;
+pub mod slots;
 pub mod verify;
 
 pub use digest::{Digest, DigestParseError, Hasher, HashingReader, HashingWriter};
 pub use download::{fetch, Download, DownloadError, RetryPolicy};
 pub use keys::{KeyError, PublicKey, SigningKey};
+pub use slots::{boot, confirm_boot, install_update, BootEnv, FileSlots, Slot, SlotBackend, SlotError};
 pub use verify::{TrustedState, VerifyError, Versions};
