@@ -107,21 +107,20 @@ pub(super) async fn rollout_action(
         return Err(ApiError::BadRequest(format!("{action} takes no body")));
     }
     let now = crate::sync::now_ms();
-    let change = |record: &mut DeploymentRecord| match action.as_str() {
-        "pause" => record.pause(now),
-        "resume" => record.resume(now),
-        "abort" => record.abort(now),
-        "rollback" => record.rollback(to, now),
-        _ => Err(NotNow(String::new())),
+    let change: fn(&mut DeploymentRecord, Option<u64>, u64) -> Result<(), NotNow> = match action.as_str() {
+        "pause" => |record, _, now| record.pause(now),
+        "resume" => |record, _, now| record.resume(now),
+        "abort" => |record, _, now| record.abort(now),
+        "rollback" => |record, to, now| record.rollback(to, now),
+        _ => {
+            return Err(ApiError::NotFound(format!(
+                "no rollout action {action:?}: pause, resume, abort or rollback (see docs/hub-api.md)"
+            )))
+        }
     };
-    if !["pause", "resume", "abort", "rollback"].contains(&action.as_str()) {
-        return Err(ApiError::NotFound(format!(
-            "no rollout action {action:?}: pause, resume, abort or rollback (see docs/hub-api.md)"
-        )));
-    }
     let outcome = state.store.update_deployment(&name, |old| match old {
         None => (None, Err(no_deployment(&name))),
-        Some(mut record) => match change(&mut record) {
+        Some(mut record) => match change(&mut record, to, now) {
             Ok(()) => (Some(record), Ok(())),
             Err(NotNow(why)) => (Some(record), Err(ApiError::Conflict(why))),
         },

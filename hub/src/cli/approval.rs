@@ -29,11 +29,14 @@ pub async fn pending(client: &ApiClient, args: PendingArgs) -> anyhow::Result<()
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
     let ago = |at: u64| humantime::format_duration(Duration::from_secs(now.saturating_sub(at) / 1000)).to_string();
-    println!("{:<24}  {:<12}  {:>8}  LAST ATTEMPT", "ID", "TOKEN SHA256", "ATTEMPTS");
-    for device in &pending {
-        let fingerprint = device.token_sha256.get(..12).unwrap_or(&device.token_sha256);
-        println!("{:<24}  {fingerprint:<12}  {:>8}  {} ago", device.id, device.attempts, ago(device.last_attempt));
-    }
+    let rows: Vec<Vec<String>> = pending
+        .iter()
+        .map(|d| {
+            let fingerprint = d.token_sha256.get(..12).unwrap_or(&d.token_sha256).to_string();
+            vec![d.id.clone(), fingerprint, d.attempts.to_string(), format!("{} ago", ago(d.last_attempt))]
+        })
+        .collect();
+    print!("{}", super::table(&["ID", "TOKEN SHA256", "ATTEMPTS", "LAST ATTEMPT"], &rows));
     println!("(compare TOKEN SHA256 with `printf %s TOKEN | sha256sum` of the token you gave the device)");
     Ok(())
 }

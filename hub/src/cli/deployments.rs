@@ -83,7 +83,7 @@ pub async fn list(client: &ApiClient, args: ListArgs) -> anyhow::Result<()> {
     }
     let header = ["NAME", "REVISION", "ROLLOUT", "TARGETED", "UPDATED", "HEALTHY", "FAILED", "PENDING", "OFFLINE"];
     let rows: Vec<Vec<String>> = deployments.iter().map(row).collect();
-    print!("{}", table(&header, &rows));
+    print!("{}", super::table(&header, &rows));
     Ok(())
 }
 
@@ -108,23 +108,6 @@ pub fn state(state: RolloutState) -> &'static str {
         RolloutState::RolledBack => "rolled back",
         RolloutState::Aborted => "aborted",
     }
-}
-
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
-        }
-    }
-    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(rows) {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:w$}")).collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 pub async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {

@@ -24,21 +24,9 @@ pub async fn run(client: &ApiClient, args: Args) -> anyhow::Result<()> {
 }
 
 fn table(devices: &[DeviceView], now: u64) -> String {
-    let header = ["ID", "ONLINE", "GENERATION", "WORKLOADS", "LAST SEEN", "LABELS"].map(String::from);
-    let rows: Vec<[String; 6]> = devices.iter().map(|d| row(d, now)).collect();
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row.iter().zip(widths).map(|(cell, w)| format!("{cell:w$}")).collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    let header = ["ID", "ONLINE", "GENERATION", "WORKLOADS", "LAST SEEN", "LABELS"];
+    let rows: Vec<Vec<String>> = devices.iter().map(|d| row(d, now).into()).collect();
+    super::table(&header, &rows)
 }
 
 fn row(d: &DeviceView, now: u64) -> [String; 6] {
