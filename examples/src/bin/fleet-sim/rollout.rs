@@ -20,17 +20,14 @@ use outpost_proto::DeploymentSpec;
 use serde::Deserialize;
 use testkit::fleet::FailureScript;
 
-use crate::stage::{put_all, wait_fleet, Stage, VIEW_POLL};
+use crate::stage::{put_all, wait_fleet, Frame, Stage, VIEW_POLL};
 use crate::{mib, name, secs, Args, Broker};
 
 const DEPLOYMENT: &str = "fleet-sim-rollout";
 const LABEL: (&str, &str) = ("fleet-sim", "rollout");
 
 pub struct Figures {
-    broker: Broker,
-    devices: usize,
-    connected: Duration,
-    online: Duration,
+    frame: Frame,
     /// Every device's labels set, one PUT each.
     labelled: Duration,
     /// From the deployment's PUT until it was answered.
@@ -41,9 +38,6 @@ pub struct Figures {
     updated: Duration,
     /// ...until it counted every one healthy.
     healthy: Duration,
-    connection_errors: usize,
-    hub_memory: (u64, u64),
-    mosquitto_memory: Option<(u64, u64)>,
 }
 
 /// What the simulator reads of `GET /v1/deployments/{name}`.
@@ -111,22 +105,8 @@ pub async fn run(args: &Args, broker: Broker) -> anyhow::Result<Figures> {
     let (updated, healthy) = hub_side.with_context(|| stage.hub_log())?;
     let running = running?;
 
-    let (connected, online, connection_errors) = (stage.connected, stage.online, stage.fleet.connection_errors());
-    let memory = stage.stop().await;
-    Ok(Figures {
-        broker,
-        devices: n,
-        connected,
-        online,
-        labelled,
-        applied,
-        running,
-        updated,
-        healthy,
-        connection_errors,
-        hub_memory: memory.hub,
-        mosquitto_memory: memory.mosquitto,
-    })
+    let frame = stage.stop().await;
+    Ok(Figures { frame, labelled, applied, running, updated, healthy })
 }
 
 /// Reads the rollout's counts until every one of the `n` devices is
@@ -169,21 +149,14 @@ async fn wait_rollout(
 }
 
 pub fn print(f: &Figures) {
-    println!("broker                         {}", name(f.broker));
-    println!("simulated devices              {}", f.devices);
-    println!("all connected (CONNACK)        {}", secs(f.connected));
-    println!("all online in the hub's view   {}", secs(f.online));
-    println!("connection errors (retried)    {}", f.connection_errors);
+    f.frame.print_head();
     println!("every device labelled          {}", secs(f.labelled));
     println!("after the deployment's PUT (one 100 % wave, min-healthy 0s):");
     println!("  PUT answered                 {}", secs(f.applied));
     println!("  every device runs it         {}", secs(f.running));
     println!("  rollout: all updated         {}", secs(f.updated));
     println!("  rollout: all healthy         {}", secs(f.healthy));
-    println!("hub peak RSS                   {} sampled, {} VmHWM", mib(f.hub_memory.0), mib(f.hub_memory.1));
-    if let Some((rss, hwm)) = f.mosquitto_memory {
-        println!("mosquitto peak RSS             {} sampled, {} VmHWM", mib(rss), mib(hwm));
-    }
+    f.frame.print_memory();
 }
 
 pub fn print_table(all: &[Figures]) {
@@ -191,21 +164,21 @@ pub fn print_table(all: &[Figures]) {
     println!(
         "\n| broker | simulated devices | all online in the hub's view | {} label PUTs | deployment PUT answered \
          | all updated (acknowledged) | all healthy | hub peak RSS | mosquitto peak RSS |",
-        first.devices
+        first.frame.devices
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for f in all {
-        let mosquitto = f.mosquitto_memory.map_or("-".to_string(), |(rss, _)| mib(rss));
+        let mosquitto = f.frame.mosquitto_cell();
         println!(
             "| {} | {} | {} | {} | {} | **{}** | {} | {} | {mosquitto} |",
-            name(f.broker),
-            f.devices,
-            secs(f.online),
+            name(f.frame.broker),
+            f.frame.devices,
+            secs(f.frame.online),
             secs(f.labelled),
             secs(f.applied),
             secs(f.updated),
             secs(f.healthy),
-            mib(f.hub_memory.0),
+            mib(f.frame.hub_memory.0),
         );
     }
 }

@@ -13,7 +13,7 @@ use testkit::fleet::{FailureScript, FleetOptions, SimSpec, SimulatedFleet};
 use tokio::task::JoinSet;
 
 use crate::processes::{Hub, HubBroker, MemorySampler, Mosquitto, Process};
-use crate::{Args, Broker};
+use crate::{mib, name, secs, Args, Broker};
 
 /// How often the hub's view is read: the resolution of the times measured
 /// through it. Each read lists the whole fleet, which costs the hub too.
@@ -22,6 +22,7 @@ pub const VIEW_POLL: Duration = Duration::from_millis(250);
 const FLEET_POLL: Duration = Duration::from_millis(10);
 
 pub struct Stage {
+    broker: Broker,
     pub hub: Hub,
     pub mosquitto: Option<Mosquitto>,
     pub fleet: SimulatedFleet,
@@ -36,10 +37,42 @@ pub struct Stage {
     _dir: TempDir,
 }
 
-/// Peak sampled VmRSS and VmHWM of the hub and of mosquitto, in KiB.
-pub struct Memory {
-    pub hub: (u64, u64),
-    pub mosquitto: Option<(u64, u64)>,
+/// What both benchmarks measure around their own figures.
+pub struct Frame {
+    pub broker: Broker,
+    pub devices: usize,
+    /// From the first connection attempt until every device had its CONNACK.
+    pub connected: Duration,
+    /// ...until the hub's view showed every device online.
+    pub online: Duration,
+    pub connection_errors: usize,
+    /// Peak sampled VmRSS and VmHWM of the hub, in KiB.
+    pub hub_memory: (u64, u64),
+    /// ...and of mosquitto.
+    pub mosquitto_memory: Option<(u64, u64)>,
+}
+
+impl Frame {
+    pub fn print_head(&self) {
+        println!("broker                         {}", name(self.broker));
+        println!("simulated devices              {}", self.devices);
+        println!("all connected (CONNACK)        {}", secs(self.connected));
+        println!("all online in the hub's view   {}", secs(self.online));
+        println!("connection errors (retried)    {}", self.connection_errors);
+    }
+
+    pub fn print_memory(&self) {
+        let (rss, hwm) = self.hub_memory;
+        println!("hub peak RSS                   {} sampled, {} VmHWM", mib(rss), mib(hwm));
+        if let Some((rss, hwm)) = self.mosquitto_memory {
+            println!("mosquitto peak RSS             {} sampled, {} VmHWM", mib(rss), mib(hwm));
+        }
+    }
+
+    /// mosquitto's peak RSS for a table cell.
+    pub fn mosquitto_cell(&self) -> String {
+        self.mosquitto_memory.map_or("-".to_string(), |(rss, _)| mib(rss))
+    }
 }
 
 /// What the simulator reads of the hub's device objects (docs/hub-api.md).
@@ -85,7 +118,7 @@ impl Stage {
             .await
             .with_context(hub_log)?;
         let online = start.elapsed();
-        Ok(Self { hub, mosquitto, fleet, devices, http, sampler, connected, online, _dir: dir })
+        Ok(Self { broker, hub, mosquitto, fleet, devices, http, sampler, connected, online, _dir: dir })
     }
 
     pub fn hub_log(&self) -> String {
@@ -94,17 +127,22 @@ impl Stage {
 
     /// Stops sampling, then the hub first, so that it does not process the
     /// fleet's last wills, then the fleet and mosquitto.
-    pub async fn stop(self) -> Memory {
+    pub async fn stop(self) -> Frame {
         let peaks = self.sampler.stop();
         let hwm = |p: &Process| p.vm_hwm_kib().unwrap_or(0);
-        let memory = Memory {
-            hub: (peaks[0], hwm(&self.hub.process)),
-            mosquitto: self.mosquitto.as_ref().map(|m| (peaks[1], hwm(&m.process))),
+        let frame = Frame {
+            broker: self.broker,
+            devices: self.devices.len(),
+            connected: self.connected,
+            online: self.online,
+            connection_errors: self.fleet.connection_errors(),
+            hub_memory: (peaks[0], hwm(&self.hub.process)),
+            mosquitto_memory: self.mosquitto.as_ref().map(|m| (peaks[1], hwm(&m.process))),
         };
         drop(self.hub);
         self.fleet.stop().await;
         drop(self.mosquitto);
-        memory
+        frame
     }
 }
 

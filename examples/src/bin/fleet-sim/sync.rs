@@ -10,16 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use testkit::fleet::FailureScript;
 
-use crate::stage::{put_all, wait_fleet, wait_view, Stage, View};
+use crate::stage::{put_all, wait_fleet, wait_view, Frame, Stage, View};
 use crate::{mib, name, secs, Args, Broker};
 
 const GENERATION: u64 = 1;
 
 pub struct Figures {
-    broker: Broker,
-    devices: usize,
-    connected: Duration,
-    online: Duration,
+    frame: Frame,
     /// From the first PUT until every PUT was answered.
     puts: Duration,
     /// From the first PUT until every device stored the new state, as the simulator saw it.
@@ -28,10 +25,6 @@ pub struct Figures {
     acknowledged: Duration,
     /// ...until the hub's view showed every device at the new generation: the headline figure.
     converged: Duration,
-    connection_errors: usize,
-    /// Peak sampled VmRSS and VmHWM, in KiB.
-    hub_memory: (u64, u64),
-    mosquitto_memory: Option<(u64, u64)>,
 }
 
 pub async fn run(args: &Args, broker: Broker) -> anyhow::Result<Figures> {
@@ -79,38 +72,18 @@ pub async fn run(args: &Args, broker: Broker) -> anyhow::Result<Figures> {
     let puts = puts.context("setting the desired states")?;
     let (stored, acknowledged) = fleet_side?;
 
-    let (connected, online, connection_errors) = (stage.connected, stage.online, stage.fleet.connection_errors());
-    let memory = stage.stop().await;
-    Ok(Figures {
-        broker,
-        devices: n,
-        connected,
-        online,
-        puts,
-        stored,
-        acknowledged,
-        converged,
-        connection_errors,
-        hub_memory: memory.hub,
-        mosquitto_memory: memory.mosquitto,
-    })
+    let frame = stage.stop().await;
+    Ok(Figures { frame, puts, stored, acknowledged, converged })
 }
 
 pub fn print(f: &Figures) {
-    println!("broker                         {}", name(f.broker));
-    println!("simulated devices              {}", f.devices);
-    println!("all connected (CONNACK)        {}", secs(f.connected));
-    println!("all online in the hub's view   {}", secs(f.online));
-    println!("connection errors (retried)    {}", f.connection_errors);
+    f.frame.print_head();
     println!("after the first PUT:");
     println!("  every PUT answered           {}", secs(f.puts));
     println!("  every device stored it       {}", secs(f.stored));
     println!("  every report acknowledged    {}", secs(f.acknowledged));
     println!("  every device at generation {GENERATION} in the hub's view: {}", secs(f.converged));
-    println!("hub peak RSS                   {} sampled, {} VmHWM", mib(f.hub_memory.0), mib(f.hub_memory.1));
-    if let Some((rss, hwm)) = f.mosquitto_memory {
-        println!("mosquitto peak RSS             {} sampled, {} VmHWM", mib(rss), mib(hwm));
-    }
+    f.frame.print_memory();
 }
 
 pub fn print_table(all: &[Figures]) {
@@ -118,20 +91,20 @@ pub fn print_table(all: &[Figures]) {
     println!(
         "\n| broker | simulated devices | all connected | all online in the hub's view | {} PUTs answered \
          | all at the new generation in the hub's view | hub peak RSS | mosquitto peak RSS |",
-        first.devices
+        first.frame.devices
     );
     println!("|---|---|---|---|---|---|---|---|");
     for f in all {
-        let mosquitto = f.mosquitto_memory.map_or("-".to_string(), |(rss, _)| mib(rss));
+        let mosquitto = f.frame.mosquitto_cell();
         println!(
             "| {} | {} | {} | {} | {} | **{}** | {} | {mosquitto} |",
-            name(f.broker),
-            f.devices,
-            secs(f.connected),
-            secs(f.online),
+            name(f.frame.broker),
+            f.frame.devices,
+            secs(f.frame.connected),
+            secs(f.frame.online),
             secs(f.puts),
             secs(f.converged),
-            mib(f.hub_memory.0),
+            mib(f.frame.hub_memory.0),
         );
     }
 }
