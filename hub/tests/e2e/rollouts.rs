@@ -125,6 +125,10 @@ async fn a_rollout_goes_wave_by_wave_to_the_labelled_devices_only_and_completes(
     let counts = &status["rollout"]["counts"];
     assert_eq!((counts["targeted"].as_u64(), counts["healthy"].as_u64()), (Some(2), Some(2)), "{status}");
     assert!(!received_a_desired_state(device(&mut devices, "pump-5")), "a device of another site got it");
+    let by_hand = r#"{"version": 1, "generation": 99, "deployments": []}"#;
+    let (status, body) = hub.put(&format!("/v1/devices/{canary}/desired"), by_hand).await;
+    assert_eq!(status, 409, "deployments own its desired state: {body}");
+    assert!(body["error"].as_str().unwrap().contains("app"), "{body}");
     hub.stop().await;
 }
 
