@@ -38,6 +38,9 @@ pub struct Config {
     pub store_cache: ByteSize,
     #[serde(deserialize_with = "duration")]
     pub reconcile_interval: Duration,
+    /// The operator's TUF root (root.json), read once into the store; later
+    /// roots arrive signed by it (rotation), so the store's copy is the one used.
+    pub trust_root: PathBuf,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             insecure_registries: Vec::new(),
             store_cache: ByteSize(4 << 20),
             reconcile_interval: Duration::from_secs(2),
+            trust_root: "/etc/outpost/root.json".into(),
         }
     }
 }

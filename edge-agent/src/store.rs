@@ -14,6 +14,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ota::verify::Versions;
 use outpost_proto::{Deployment, DesiredState, Event, EventKind};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,9 @@ const EPOCH_KEY: &[u8] = b"epoch";
 /// The one key of the `desired` tree.
 const CURRENT_KEY: &[u8] = b"current";
 const SNAPSHOT_FILE: &str = "desired.json";
+/// Keys of the `trust` tree.
+const TRUSTED_ROOT_KEY: &[u8] = b"root";
+const VERSIONS_KEY: &[u8] = b"versions";
 
 /// sled lets go of its file lock a moment after a `Db` is dropped (sled issue
 /// 1234): an open in that moment is retried this often, this far apart. A
@@ -123,6 +127,7 @@ pub struct Store {
     confirmed: sled::Tree,
     reports: sled::Tree,
     events: sled::Tree,
+    trust: sled::Tree,
     snapshot: PathBuf,
     /// Read (or made) by `migrate`, which every open runs.
     epoch: u64,
@@ -185,6 +190,7 @@ impl Store {
             confirmed: db.open_tree("confirmed")?,
             reports: db.open_tree("reports")?,
             events: db.open_tree("events")?,
+            trust: db.open_tree("trust")?,
             db,
             snapshot,
             epoch: 0,
@@ -268,6 +274,37 @@ impl Store {
             Some(bytes) => decode("epoch", &bytes)?,
             None => return Err(StoreError::Decode { what: "epoch", detail: "it is missing".into() }),
         };
+        Ok(())
+    }
+
+    /// The newest trusted root (root.json bytes, as signed), if one was stored.
+    pub fn trusted_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.trust.get(TRUSTED_ROOT_KEY)?.map(|bytes| bytes.to_vec()))
+    }
+
+    /// The TUF versions trusted so far: no role may go below them.
+    pub fn trusted_versions(&self) -> Result<Versions, StoreError> {
+        self.trust
+            .get(VERSIONS_KEY)?
+            .map(|bytes| decode("trusted versions", &bytes))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    }
+
+    /// Stores a root the caller verified (the first, or a rotation) with the
+    /// versions trusted after it, in one flushed transaction.
+    pub fn set_trust(&self, root: Option<&[u8]>, versions: &Versions) -> Result<(), StoreError> {
+        let versions = encode(versions);
+        self.trust
+            .transaction(|trust| {
+                if let Some(root) = root {
+                    trust.insert(TRUSTED_ROOT_KEY, root)?;
+                }
+                trust.insert(VERSIONS_KEY, versions.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(transaction_error)?;
+        self.trust.flush()?;
         Ok(())
     }
 
@@ -880,5 +917,21 @@ mod tests {
         assert_ne!(store.epoch(), 0);
         assert_eq!(store.push_event(applied(1)).unwrap().seq, 42);
         assert_eq!(store.push_report(|_| Vec::new()).unwrap(), 8);
+    }
+
+    #[test]
+    fn the_trusted_root_and_versions_survive_reopen_and_a_versions_update_keeps_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let store = open(&path);
+            assert_eq!((store.trusted_root().unwrap(), store.trusted_versions().unwrap()), (None, Versions::default()));
+            let versions = Versions { root: 1, timestamp: 4, snapshot: 3, targets: 2 };
+            store.set_trust(Some(b"root-1"), &versions).unwrap();
+            store.set_trust(None, &Versions { timestamp: 5, ..versions }).unwrap();
+        }
+        let store = open(&path);
+        assert_eq!(store.trusted_root().unwrap().as_deref(), Some(&b"root-1"[..]));
+        assert_eq!(store.trusted_versions().unwrap(), Versions { root: 1, timestamp: 5, snapshot: 3, targets: 2 });
     }
 }
