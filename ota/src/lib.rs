@@ -25,5 +25,5 @@ pub mod verify;
 pub use digest::{Digest, DigestParseError, Hasher, HashingReader, HashingWriter};
 pub use download::{fetch, Download, DownloadError, RetryPolicy};
 pub use keys::{KeyError, PublicKey, SigningKey};
-pub use slots::{boot, confirm_boot, install_update, BootEnv, FileSlots, Slot, SlotBackend, SlotError};
+pub use slots::{boot, confirm_boot, install_update, BootEnv, FileSlots, PartitionSlots, Slot, SlotBackend, SlotError};
 pub use verify::{TrustedState, VerifyError, Versions};

@@ -19,12 +19,15 @@
 //!
 //! The state machine is pure data and functions; [`SlotBackend`] is where the
 //! slots and the environment live. [`FileSlots`] keeps them in image files
-//! (the hardware tests use those as slots). [`install_update`], [`boot`] and
+//! (the tests use those as slots, and the agent keeps its own binary in
+//! them); [`PartitionSlots`] writes A/B block devices with a text boot
+//! environment a bootloader reads. [`install_update`], [`boot`] and
 //! [`confirm_boot`] are the three steps above against a backend.
 
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -132,6 +135,12 @@ pub enum SlotError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("boot environment {path:?} is not valid ({reason}); write a fresh one naming the slot the running system booted from")]
+    EnvInvalid { path: PathBuf, reason: String },
+    #[error("the image for slot {slot} is {length} bytes but its partition {path:?} holds {capacity}; nothing was written: publish an image that fits, or repartition")]
+    ImageTooBig { slot: Slot, path: PathBuf, length: u64, capacity: u64 },
+    #[error("slot {slot} ({path:?}) reads back with sha256 {actual}, not the {expected} written; the boot environment is unchanged: the storage may be failing, try again and check it")]
+    ReadBackMismatch { slot: Slot, path: PathBuf, expected: Digest, actual: Digest },
     #[error("the image for slot {slot} ended at {received} of {expected} bytes; the slot and the boot environment are unchanged")]
     ImageTooShort { slot: Slot, expected: u64, received: u64 },
     #[error("the image for slot {slot} is longer than the expected {expected} bytes; the slot and the boot environment are unchanged")]
@@ -218,73 +227,54 @@ pub fn confirm_boot(backend: &dyn SlotBackend) -> Result<BootEnv, SlotError> {
 #[derive(Debug, Clone)]
 pub struct FileSlots {
     dir: PathBuf,
+    names: [PathBuf; 2],
+    executable: bool,
 }
 
 impl FileSlots {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self { dir: dir.into(), names: ["slot-a.img".into(), "slot-b.img".into()], executable: false }
+    }
+
+    /// Slots that hold a program: `<dir>/a/<file_name>` and
+    /// `<dir>/b/<file_name>`, written executable. Renaming over a slot keeps
+    /// a program running from it intact (its old inode lives on), where
+    /// writing into it would fail with "text file busy".
+    pub fn for_programs(dir: impl Into<PathBuf>, file_name: &str) -> Self {
+        let names = [Path::new("a").join(file_name), Path::new("b").join(file_name)];
+        Self { dir: dir.into(), names, executable: true }
     }
 
     pub fn env_path(&self) -> PathBuf {
         self.dir.join("bootenv.json")
-    }
-
-    /// Fills a temporary file next to `path` with `write`, fsyncs it and
-    /// renames it over `path`, then fsyncs the directory so the rename is
-    /// durable. When `write` fails, `path` is untouched and the temporary
-    /// file is removed.
-    fn replace_file(
-        &self,
-        path: &Path,
-        write: impl FnOnce(&mut File, &Path) -> Result<(), SlotError>,
-    ) -> Result<(), SlotError> {
-        let tmp = tmp_path(path);
-        let mut file = File::create(&tmp).map_err(|e| io_error("create", &tmp, e))?;
-        let written = write(&mut file, &tmp).and_then(|()| file.sync_all().map_err(|e| io_error("sync", &tmp, e)));
-        drop(file);
-        if let Err(e) = written {
-            // The temporary file holds nothing worth keeping; the error that
-            // made it useless is the one to report.
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        fs::rename(&tmp, path).map_err(|e| io_error("rename into place", &tmp, e))?;
-        let dir = File::open(&self.dir).map_err(|e| io_error("open", &self.dir, e))?;
-        dir.sync_all().map_err(|e| io_error("sync", &self.dir, e))
     }
 }
 
 impl SlotBackend for FileSlots {
     fn env(&self) -> Result<BootEnv, SlotError> {
         let path = self.env_path();
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SlotError::EnvMissing { path }),
-            Err(e) => return Err(io_error("read", &path, e)),
-        };
+        let Some(bytes) = read_env_file(&path)? else { return Err(SlotError::EnvMissing { path }) };
         serde_json::from_slice(&bytes).map_err(|source| SlotError::EnvCorrupt { path, source })
     }
 
     fn write_env(&self, env: &BootEnv) -> Result<(), SlotError> {
         let json = serde_json::to_vec_pretty(env).expect("a BootEnv always serializes");
-        self.replace_file(&self.env_path(), |file, tmp| file.write_all(&json).map_err(|e| io_error("write", tmp, e)))
+        replace_file(&self.env_path(), |file, tmp| file.write_all(&json).map_err(|e| io_error("write", tmp, e)))
     }
 
     fn write_slot(&self, slot: Slot, image: &mut dyn Read, length: u64, sha256: &Digest) -> Result<(), SlotError> {
-        self.replace_file(&self.slot_path(slot), |file, tmp| {
-            // One byte past `length` is read so a longer image is caught
-            // without reading all of it.
-            let mut writer = HashingWriter::new(file);
-            io::copy(&mut image.take(length.saturating_add(1)), &mut writer).map_err(|e| io_error("write", tmp, e))?;
+        let path = self.slot_path(slot);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))?;
+        }
+        let executable = self.executable;
+        replace_file(&path, |file, tmp| {
+            let mut writer = HashingWriter::new(&mut *file);
+            io::copy(&mut image.take(length), &mut writer).map_err(|e| io_error("write", tmp, e))?;
             let (_, actual, received) = writer.finish();
-            if received > length {
-                return Err(SlotError::ImageTooLong { slot, expected: length });
-            }
-            if received < length {
-                return Err(SlotError::ImageTooShort { slot, expected: length, received });
-            }
-            if actual != *sha256 {
-                return Err(SlotError::HashMismatch { slot, expected: *sha256, actual });
+            check_image(slot, image, length, received, &actual, sha256)?;
+            if executable {
+                file.set_permissions(fs::Permissions::from_mode(0o755)).map_err(|e| io_error("chmod", tmp, e))?;
             }
             Ok(())
         })
@@ -292,10 +282,201 @@ impl SlotBackend for FileSlots {
 
     fn slot_path(&self, slot: Slot) -> PathBuf {
         self.dir.join(match slot {
-            Slot::A => "slot-a.img",
-            Slot::B => "slot-b.img",
+            Slot::A => &self.names[0],
+            Slot::B => &self.names[1],
         })
     }
+}
+
+/// A/B partitions: each slot is a block device (e.g. `/dev/mmcblk0p2` and
+/// `/dev/mmcblk0p3`) written in place, and the boot environment is a small
+/// text file of `key=value` lines, the shape U-Boot's `env import -t` and
+/// GRUB's `load_env` read:
+///
+/// ```text
+/// active=B
+/// upgrade_available=1
+/// bootcount=0
+/// bootlimit=3
+/// ```
+///
+/// Writing a partition cannot be made atomic: the inactive one is written
+/// while nothing points at it, fsync'd, read back and hashed, and only then
+/// does the environment (replaced atomically: temporary file, fsync, rename,
+/// directory fsync) send the next boot there. An image larger than the
+/// partition is refused before a byte is written. Any failure leaves the
+/// active slot and the environment as they were.
+///
+/// The bootloader's part, at every boot: read the file; when
+/// `upgrade_available=1`, add one to `bootcount`, and if it is then above
+/// `bootlimit`, set `active` to the other slot, `upgrade_available=0` and
+/// `bootcount=0`; write the file back if it changed; boot `active`. That is
+/// [`BootEnv::on_boot`], which [`boot`] runs to simulate it.
+#[derive(Debug, Clone)]
+pub struct PartitionSlots {
+    devices: [PathBuf; 2],
+    env: PathBuf,
+}
+
+impl PartitionSlots {
+    pub fn new(a: impl Into<PathBuf>, b: impl Into<PathBuf>, env: impl Into<PathBuf>) -> Self {
+        Self { devices: [a.into(), b.into()], env: env.into() }
+    }
+
+    pub fn env_path(&self) -> &Path {
+        &self.env
+    }
+}
+
+impl SlotBackend for PartitionSlots {
+    fn env(&self) -> Result<BootEnv, SlotError> {
+        let Some(bytes) = read_env_file(&self.env)? else {
+            return Err(SlotError::EnvMissing { path: self.env.clone() });
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        parse_text_env(&text).map_err(|reason| SlotError::EnvInvalid { path: self.env.clone(), reason })
+    }
+
+    fn write_env(&self, env: &BootEnv) -> Result<(), SlotError> {
+        let text = format!(
+            "active={}\nupgrade_available={}\nbootcount={}\nbootlimit={}\n",
+            env.active,
+            u8::from(env.upgrade_available),
+            env.bootcount,
+            env.bootlimit
+        );
+        replace_file(&self.env, |file, tmp| file.write_all(text.as_bytes()).map_err(|e| io_error("write", tmp, e)))
+    }
+
+    fn write_slot(&self, slot: Slot, image: &mut dyn Read, length: u64, sha256: &Digest) -> Result<(), SlotError> {
+        let path = self.slot_path(slot);
+        let mut device = File::options().read(true).write(true).open(&path).map_err(|e| io_error("open", &path, e))?;
+        // A block device's size is where seeking to its end lands.
+        let capacity = device.seek(SeekFrom::End(0)).map_err(|e| io_error("measure", &path, e))?;
+        if length > capacity {
+            return Err(SlotError::ImageTooBig { slot, path, length, capacity });
+        }
+        device.rewind().map_err(|e| io_error("seek", &path, e))?;
+        let mut writer = HashingWriter::new(&mut device);
+        io::copy(&mut image.take(length), &mut writer).map_err(|e| io_error("write", &path, e))?;
+        let (_, actual, received) = writer.finish();
+        check_image(slot, image, length, received, &actual, sha256)?;
+        device.sync_all().map_err(|e| io_error("sync", &path, e))?;
+
+        // What the bootloader will load is what the device holds, not what
+        // was handed to write(2): read it back.
+        device.rewind().map_err(|e| io_error("seek", &path, e))?;
+        let mut hasher = crate::digest::Hasher::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut left = length;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = device.read(&mut buf[..want]).map_err(|e| io_error("read back", &path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        let read_back = hasher.finish();
+        if left > 0 || read_back != *sha256 {
+            return Err(SlotError::ReadBackMismatch { slot, path, expected: *sha256, actual: read_back });
+        }
+        Ok(())
+    }
+
+    fn slot_path(&self, slot: Slot) -> PathBuf {
+        match slot {
+            Slot::A => self.devices[0].clone(),
+            Slot::B => self.devices[1].clone(),
+        }
+    }
+}
+
+/// Checks a streamed image once `length` bytes (or fewer, if it ended) went
+/// through: nothing may follow them, and the count and hash must match.
+fn check_image(
+    slot: Slot,
+    image: &mut dyn Read,
+    length: u64,
+    received: u64,
+    actual: &Digest,
+    sha256: &Digest,
+) -> Result<(), SlotError> {
+    if received < length {
+        return Err(SlotError::ImageTooShort { slot, expected: length, received });
+    }
+    // One byte past `length` tells a longer image without reading all of it.
+    let mut extra = [0u8; 1];
+    let more = loop {
+        match image.read(&mut extra) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error("read", Path::new("the image"), e)),
+        }
+    };
+    if more > 0 {
+        return Err(SlotError::ImageTooLong { slot, expected: length });
+    }
+    if actual != sha256 {
+        return Err(SlotError::HashMismatch { slot, expected: *sha256, actual: *actual });
+    }
+    Ok(())
+}
+
+/// `key=value` lines; every key of [`BootEnv`] must be there, once.
+fn parse_text_env(text: &str) -> Result<BootEnv, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (key, value) = line.split_once('=').ok_or_else(|| format!("line {line:?} is not key=value"))?;
+        if fields.insert(key.trim(), value.trim()).is_some() {
+            return Err(format!("{key} is set twice"));
+        }
+    }
+    let get = |key: &str| fields.get(key).copied().ok_or_else(|| format!("{key} is missing"));
+    let number = |key: &str| get(key)?.parse::<u32>().map_err(|_| format!("{key} is not a whole number"));
+    let active = match get("active")? {
+        "A" => Slot::A,
+        "B" => Slot::B,
+        other => return Err(format!("active is {other:?}, not A or B")),
+    };
+    let upgrade_available = match get("upgrade_available")? {
+        "0" => false,
+        "1" => true,
+        other => return Err(format!("upgrade_available is {other:?}, not 0 or 1")),
+    };
+    Ok(BootEnv { active, upgrade_available, bootcount: number("bootcount")?, bootlimit: number("bootlimit")? })
+}
+
+fn read_env_file(path: &Path) -> Result<Option<Vec<u8>>, SlotError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("read", path, e)),
+    }
+}
+
+/// Fills a temporary file next to `path` with `write`, fsyncs it and renames
+/// it over `path`, then fsyncs the directory so the rename is durable. When
+/// `write` fails, `path` is untouched and the temporary file is removed.
+fn replace_file(path: &Path, write: impl FnOnce(&mut File, &Path) -> Result<(), SlotError>) -> Result<(), SlotError> {
+    let tmp = tmp_path(path);
+    let mut file = File::create(&tmp).map_err(|e| io_error("create", &tmp, e))?;
+    let written = write(&mut file, &tmp).and_then(|()| file.sync_all().map_err(|e| io_error("sync", &tmp, e)));
+    drop(file);
+    if let Err(e) = written {
+        // The temporary file holds nothing worth keeping; the error that
+        // made it useless is the one to report.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, path).map_err(|e| io_error("rename into place", &tmp, e))?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let handle = File::open(dir).map_err(|e| io_error("open", dir, e))?;
+    handle.sync_all().map_err(|e| io_error("sync", dir, e))
 }
 
 fn tmp_path(path: &Path) -> PathBuf {

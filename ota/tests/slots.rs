@@ -3,7 +3,9 @@
 
 use std::fs;
 
-use ota::{boot, confirm_boot, install_update, BootEnv, Digest, FileSlots, Slot, SlotBackend, SlotError};
+use ota::{
+    boot, confirm_boot, install_update, BootEnv, Digest, FileSlots, PartitionSlots, Slot, SlotBackend, SlotError,
+};
 use tempfile::TempDir;
 
 const BOOTLIMIT: u32 = 3;
@@ -124,4 +126,61 @@ fn a_corrupt_or_missing_env_is_an_error_that_says_what_to_write() {
     let missing = install(&slots, b"system image 2.0").unwrap_err();
     assert!(matches!(missing, SlotError::EnvMissing { .. }), "{missing}");
     assert_eq!(fs::read(slots.slot_path(Slot::B)).unwrap(), b"", "nothing is written without an env");
+}
+
+/// Two fixed-size "partitions" as plain files of 64 KiB, slot A holding `OLD_IMAGE`.
+fn partitions() -> (TempDir, PartitionSlots) {
+    let dir = tempfile::tempdir().unwrap();
+    let slots = PartitionSlots::new(dir.path().join("p2"), dir.path().join("p3"), dir.path().join("fw_env"));
+    for slot in [Slot::A, Slot::B] {
+        fs::write(slots.slot_path(slot), vec![0u8; 64 * 1024]).unwrap();
+    }
+    let mut a = fs::read(slots.slot_path(Slot::A)).unwrap();
+    a[..OLD_IMAGE.len()].copy_from_slice(OLD_IMAGE);
+    fs::write(slots.slot_path(Slot::A), a).unwrap();
+    slots.write_env(&BootEnv::new(Slot::A, BOOTLIMIT)).unwrap();
+    (dir, slots)
+}
+
+#[test]
+fn partition_env_is_key_value_text_a_bootloader_reads() {
+    let (_dir, slots) = partitions();
+    install_update(&slots, &mut &b"new"[..], 3, &Digest::of(b"new")).unwrap();
+    assert_eq!(
+        fs::read_to_string(slots.env_path()).unwrap(),
+        "active=B\nupgrade_available=1\nbootcount=0\nbootlimit=3\n"
+    );
+    assert_eq!(boot(&slots).unwrap(), Slot::B);
+    assert_eq!(slots.env().unwrap().bootcount, 1);
+}
+
+#[test]
+fn partition_image_larger_than_the_partition_is_refused_before_writing() {
+    let (_dir, slots) = partitions();
+    let image = vec![0x77; 64 * 1024 + 1];
+    let err = install_update(&slots, &mut &image[..], image.len() as u64, &Digest::of(&image)).unwrap_err();
+    assert!(matches!(err, SlotError::ImageTooBig { slot: Slot::B, capacity: 65_536, .. }), "{err}");
+    assert!(err.to_string().contains("nothing was written"), "{err}");
+    assert_eq!(fs::read(slots.slot_path(Slot::B)).unwrap(), vec![0u8; 64 * 1024]);
+    assert_eq!(slots.env().unwrap(), BootEnv::new(Slot::A, BOOTLIMIT));
+}
+
+#[test]
+fn partition_env_that_is_not_key_value_text_is_an_error_naming_the_field() {
+    let (_dir, slots) = partitions();
+    fs::write(slots.env_path(), "active=C\nupgrade_available=0\nbootcount=0\nbootlimit=3\n").unwrap();
+    let err = boot(&slots).unwrap_err();
+    assert!(matches!(err, SlotError::EnvInvalid { .. }) && err.to_string().contains("active"), "{err}");
+}
+
+#[test]
+fn program_slots_are_written_executable_in_their_own_directories() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let slots = FileSlots::for_programs(dir.path(), "edge-agent");
+    slots.write_env(&BootEnv::new(Slot::A, BOOTLIMIT)).unwrap();
+    install(&slots, b"#!/bin/sh\nexit 0\n").unwrap();
+    let path = slots.slot_path(Slot::B);
+    assert_eq!(path, dir.path().join("b/edge-agent"));
+    assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o755);
 }
