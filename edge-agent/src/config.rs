@@ -41,6 +41,16 @@ pub struct Config {
     /// The operator's TUF root (root.json), read once into the store; later
     /// roots arrive signed by it (rotation), so the store's copy is the one used.
     pub trust_root: PathBuf,
+    /// The hub's HTTP base (TUF metadata and artifacts); empty means none.
+    pub hub_http: String,
+    /// Hardware id that update targets must list; empty in the file means the
+    /// machine's architecture, filled in by `load`.
+    pub hardware: String,
+    /// How long a freshly updated agent has to confirm itself healthy.
+    #[serde(deserialize_with = "duration")]
+    pub update_health_deadline: Duration,
+    /// Update downloads read no faster than this per second; 0 means no cap.
+    pub update_bandwidth: ByteSize,
 }
 
 impl Default for Config {
@@ -62,6 +72,10 @@ impl Default for Config {
             store_cache: ByteSize(4 << 20),
             reconcile_interval: Duration::from_secs(2),
             trust_root: "/etc/outpost/root.json".into(),
+            hub_http: String::new(),
+            hardware: String::new(),
+            update_health_deadline: Duration::from_secs(60),
+            update_bandwidth: ByteSize(0),
         }
     }
 }
@@ -82,6 +96,9 @@ impl Config {
         };
         if config.device_id.is_empty() {
             config.device_id = hostname()?;
+        }
+        if config.hardware.is_empty() {
+            config.hardware = std::env::consts::ARCH.to_string();
         }
         config.validate()?;
         Ok(config)
@@ -111,6 +128,9 @@ impl Config {
         }
         if self.reconcile_interval.is_zero() {
             bail!("reconcile-interval must be above zero, e.g. \"2s\"");
+        }
+        if self.update_health_deadline.is_zero() {
+            bail!("update-health-deadline must be above zero, e.g. \"60s\"");
         }
         Ok(())
     }

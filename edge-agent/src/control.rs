@@ -14,7 +14,13 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "kebab-case")]
 pub enum Request {
     Apply(DesiredState),
-    Events { after: u64 },
+    Events {
+        after: u64,
+    },
+    /// Update the agent to `target` from the hub, then restart into it.
+    Update {
+        target: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -26,6 +32,12 @@ pub enum Response {
         changed: bool,
     },
     Events(Vec<Event>),
+    /// Installed in `slot`; the agent restarts into it right after answering.
+    Updating {
+        target: String,
+        version: String,
+        slot: String,
+    },
     Error(String),
 }
 

@@ -22,6 +22,8 @@ use crate::rollback::{judge, Verdict, Watch};
 use crate::runtime::Supervisor;
 use crate::store::{Rollback, Store};
 use crate::sync::{self, SyncSettings};
+use crate::update::fetch::Updater;
+use crate::update::stage0;
 
 /// Events the control socket returns per request at most.
 const EVENTS_PER_REQUEST: usize = 1000;
@@ -35,11 +37,17 @@ pub struct Core {
     /// The revision of each deployment this process has started, so that a
     /// revision is watched once per start of the agent.
     started: BTreeMap<String, u64>,
+    /// Agent self-update from the hub, when hub-http is configured.
+    updater: Option<Arc<Updater>>,
 }
 
 impl Core {
     pub fn new(store: Arc<Store>, supervisor: Supervisor, insecure_registries: Vec<String>) -> Self {
-        Self { store, supervisor, insecure_registries, watches: Vec::new(), started: BTreeMap::new() }
+        Self { store, supervisor, insecure_registries, watches: Vec::new(), started: BTreeMap::new(), updater: None }
+    }
+
+    pub fn with_updater(self, updater: Arc<Updater>) -> Self {
+        Self { updater: Some(updater), ..self }
     }
 
     /// One reconcile pass, then the verdict on each watched revision. Returns
@@ -169,6 +177,7 @@ pub async fn run(
 ) {
     let store = core.store.clone();
     let supervisor = core.supervisor.clone();
+    let updater = core.updater.clone();
     let core = Arc::new(Mutex::new(core));
     let kick = Arc::new(Notify::new());
     let reconciler = tokio::spawn(reconcile_loop(core, kick.clone(), interval));
@@ -186,7 +195,7 @@ pub async fn run(
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, store.clone(), kick.clone()));
+                    tokio::spawn(serve(stream, store.clone(), kick.clone(), updater.clone()));
                 }
                 Err(e) => tracing::warn!("control socket: {e}"),
             },
@@ -214,7 +223,7 @@ async fn reconcile_loop(core: Arc<Mutex<Core>>, kick: Arc<Notify>, interval: Dur
     }
 }
 
-async fn serve(stream: UnixStream, store: Arc<Store>, kick: Arc<Notify>) {
+async fn serve(stream: UnixStream, store: Arc<Store>, kick: Arc<Notify>, updater: Option<Arc<Updater>>) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -236,11 +245,44 @@ async fn serve(stream: UnixStream, store: Arc<Store>, kick: Arc<Notify>) {
                     Err(e) => Response::Error(format!("the agent failed while storing: {e}")),
                 }
             }
+            Ok(Request::Update { target }) => update(&store, updater.as_deref(), &target).await,
         };
         let mut line = serde_json::to_vec(&response).unwrap_or_default();
         line.push(b'\n');
         if write.write_all(&line).await.is_err() {
             return;
+        }
+        if matches!(response, Response::Updating { .. }) {
+            // Answered; now the new agent takes over this pid through stage 0,
+            // which counts its first boot.
+            match std::env::current_exe() {
+                Ok(exe) => tracing::error!("{:#}", stage0::exec(&exe, false)),
+                Err(e) => tracing::error!("cannot find this agent's binary to restart into the update: {e}"),
+            }
+        }
+    }
+}
+
+async fn update(store: &Store, updater: Option<&Updater>, target: &str) -> Response {
+    let Some(updater) = updater else {
+        return Response::Error("agent updates need hub-http in the agent's configuration".into());
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return Response::Error(format!("cannot find this agent's binary: {e}")),
+    };
+    match updater.update(store, target, &exe).await {
+        Ok(installed) => {
+            tracing::info!(target, version = %installed.version, slot = %installed.slot, "agent update installed; restarting into it");
+            Response::Updating {
+                target: installed.target,
+                version: installed.version,
+                slot: installed.slot.to_string(),
+            }
+        }
+        Err(e) => {
+            tracing::error!(target, "agent update refused: {e}");
+            Response::Error(e.to_string())
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct SyncSettings {
     pub encoding: Encoding,
     pub keep_alive: Duration,
     pub report_interval: Duration,
+    /// Notified each time the link to the hub comes up (an agent update on
+    /// trial waits for it).
+    pub connected: Arc<Notify>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +119,7 @@ pub async fn run(
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_secs(1);
                     tracing::info!(hub = %settings.hub, "connected to the hub");
+                    settings.connected.notify_one();
                     link.on_connect().await;
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => link.on_publish(&publish.topic, &publish.payload).await,

@@ -28,4 +28,9 @@ pub enum EventKind {
     Failed { deployment: String, revision: u64, workload: String, reason: String },
     /// The device returned the deployment to its previous revision by itself.
     RolledBack { deployment: String, from_revision: u64, to_revision: u64, reason: String },
+    /// The agent confirmed itself healthy running the update `target` `version`.
+    Updated { target: String, version: String },
+    /// The agent update `target` `version` did not confirm itself healthy in
+    /// its boots; the previous agent binary runs again.
+    UpdateRolledBack { target: String, version: String, reason: String },
 }

@@ -4,12 +4,14 @@
 
 pub mod agent;
 pub mod fleet;
+pub mod http;
 pub mod hub;
 pub mod image;
 pub mod layers;
 pub mod mosquitto;
 pub mod proxy;
 pub mod registry;
+pub mod tuf;
 
 pub use fleet::{FailureScript, SimSpec, SimulatedFleet};
 pub use mosquitto::Mosquitto;

@@ -5,6 +5,7 @@ use anyhow::Context;
 use outpost_proto::sync::Topics;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::control::socket_path;
@@ -13,9 +14,15 @@ use crate::runtime::supervisor::require_root;
 use crate::runtime::Supervisor;
 use crate::store::Store;
 use crate::sync::SyncSettings;
+use crate::update::fetch::Updater;
+use crate::update::health::Trial;
+use crate::update::{self, stage0, AgentSlots};
 
 pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
     require_root()?;
+    let agent = AgentSlots::new(&config.data_dir);
+    // Before the store opens: the binary that should run may be another one.
+    let boot = stage0::run(&agent).context("cannot choose which agent binary runs (stage 0)")?;
     let (store, recovered) =
         Store::open(&config.data_dir.join("store"), config.store_cache.0).context("cannot open the agent's store")?;
     if let Some(r) = recovered {
@@ -46,7 +53,28 @@ pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
             }
         };
         tracing::info!(device = %config.device_id, "agent running; workloads keep running when it stops");
-        let core = Core::new(Arc::new(store), supervisor, config.insecure_registries.clone());
+        let store = Arc::new(store);
+        update::health::settle(&agent, &store);
+        let updater = Updater {
+            hub_http: config.hub_http.trim_end_matches('/').to_string(),
+            hardware: config.hardware.clone(),
+            trust_root: config.trust_root.clone(),
+            agent: agent.clone(),
+            max_bytes_per_sec: (config.update_bandwidth.0 > 0).then_some(config.update_bandwidth.0),
+        };
+        let core = Core::new(store.clone(), supervisor.clone(), config.insecure_registries.clone())
+            .with_updater(Arc::new(updater));
+        let connected = Arc::new(Notify::new());
+        if boot.trial {
+            tokio::spawn(update::health::watch(Trial {
+                agent,
+                store,
+                supervisor,
+                run_dir: config.run_dir.clone(),
+                hub_connected: (!config.hub.is_empty()).then(|| connected.clone()),
+                deadline: config.update_health_deadline,
+            }));
+        }
         let hub = (!config.hub.is_empty()).then(|| SyncSettings {
             hub: config.hub.clone(),
             device_id: config.device_id.clone(),
@@ -55,6 +83,7 @@ pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
             encoding: config.encoding,
             keep_alive: config.keep_alive,
             report_interval: config.report_interval,
+            connected,
         });
         daemon::run(core, listener, config.reconcile_interval, hub, shutdown).await;
         let _ = std::fs::remove_file(&socket);

@@ -16,6 +16,7 @@ mod run;
 mod shim;
 mod start;
 mod stop;
+mod update;
 
 use std::path::PathBuf;
 
@@ -114,6 +115,8 @@ pub enum Command {
     Images(images::ImagesArgs),
     /// Remove the images no workload uses.
     Gc(gc::GcArgs),
+    /// Update the agent itself from the hub's signed targets (A/B slots, rolled back unless healthy).
+    Update(update::UpdateArgs),
     /// The per-workload supervisor process; started by the agent, not by hand.
     #[command(hide = true)]
     Shim(shim::ShimArgs),
@@ -151,6 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(args) => import::run(supervisor.paths(), args),
         Command::Images(args) => images::run(supervisor.paths(), args),
         Command::Gc(args) => gc::run(supervisor.paths(), args),
+        Command::Update(args) => update::run(&config, args),
         Command::Config(_) | Command::Shim(_) => unreachable!("handled above"),
     }
 }

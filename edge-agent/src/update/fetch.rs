@@ -1,0 +1,211 @@
+//! The signed way in: TUF metadata from `{hub-http}/v1/tuf/`, the artifact
+//! from `{hub-http}/v1/artifacts/sha256:<hex>`, into the inactive slot.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use ota::metadata::RoleType;
+use ota::verify::{max_size, TrustedState, VerifyError};
+use ota::{Digest, Download, DownloadError, RetryPolicy, Slot, SlotBackend, SlotError};
+
+use super::{AgentSlots, Pending, BOOTLIMIT};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("no hub-http is configured: set hub-http (e.g. \"http://hub.local:8080\") to update from the hub")]
+    NoHub,
+    #[error("the store has no trust root and {path} cannot be read ({source}): install the operator's root.json there, or set trust-root")]
+    NoTrustRoot { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a usable trust root: {source}")]
+    BadTrustRoot { path: PathBuf, source: VerifyError },
+    #[error("request to {url} failed: {source}; check hub-http and the link")]
+    Request { url: String, source: reqwest::Error },
+    #[error("{url} answered HTTP {status}")]
+    Status { url: String, status: reqwest::StatusCode },
+    #[error("{url} sent more than {cap} bytes, over the cap for its role; refused unread")]
+    TooLarge { url: String, cap: u64 },
+    #[error("the update metadata was refused: {0}")]
+    Verify(#[from] VerifyError),
+    #[error("target {name:?} has a malformed sha256 {sha256:?}; the repository must publish it again")]
+    BadDigest { name: String, sha256: String },
+    #[error("the download failed: {0}")]
+    Download(#[from] DownloadError),
+    #[error("installing into the agent's slot failed: {0}")]
+    Slot(#[from] SlotError),
+    #[error("the store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpdateError {
+    let path = path.to_path_buf();
+    move |source| UpdateError::Io { action, path, source }
+}
+
+/// An update written to the inactive slot, waiting for a restart into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub target: String,
+    pub version: String,
+    pub slot: Slot,
+}
+
+/// What the update flow needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Updater {
+    /// `http://host:port`, no trailing slash.
+    pub hub_http: String,
+    pub hardware: String,
+    /// The operator's root.json, read when the store has no root yet.
+    pub trust_root: PathBuf,
+    pub agent: AgentSlots,
+    pub max_bytes_per_sec: Option<u64>,
+}
+
+/// The root to start verifying from: the store's (the newest rotated to), or,
+/// the first time, the configured file, which must sign itself and is then
+/// stored. The same rule holds for every signed thing the device checks.
+pub fn seed_root(store: &Store, trust_root: &Path) -> Result<Vec<u8>, UpdateError> {
+    if let Some(root) = store.trusted_root()? {
+        return Ok(root);
+    }
+    let bytes = std::fs::read(trust_root)
+        .map_err(|source| UpdateError::NoTrustRoot { path: trust_root.to_path_buf(), source })?;
+    let versions = store.trusted_versions()?;
+    let state = TrustedState::new(&bytes, versions)
+        .map_err(|source| UpdateError::BadTrustRoot { path: trust_root.to_path_buf(), source })?;
+    store.set_trust(Some(&bytes), &state.versions())?;
+    Ok(bytes)
+}
+
+impl Updater {
+    /// Verifies the metadata, downloads target `name` and writes it to the
+    /// inactive slot; `running_binary` fills slot A first when no update was
+    /// ever installed, so there is a slot to fall back to. The restart into
+    /// the new slot is the caller's.
+    pub async fn update(&self, store: &Store, name: &str, running_binary: &Path) -> Result<Installed, UpdateError> {
+        if self.hub_http.is_empty() {
+            return Err(UpdateError::NoHub);
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|source| UpdateError::Request { url: self.hub_http.clone(), source })?;
+        let state = self.refresh_metadata(&client, store).await?;
+        let target = state.target(name, &self.hardware)?.clone();
+        let sha256 = Digest::from_hex(&target.sha256)
+            .map_err(|_| UpdateError::BadDigest { name: name.into(), sha256: target.sha256.clone() })?;
+
+        let downloads = self.agent.download_dir();
+        std::fs::create_dir_all(&downloads).map_err(io_error("create", &downloads))?;
+        let download = Download {
+            url: format!("{}/v1/artifacts/sha256:{}", self.hub_http, target.sha256),
+            dest: downloads.join(&target.sha256),
+            length: target.length,
+            sha256,
+            max_bytes_per_sec: self.max_bytes_per_sec,
+        };
+        ota::fetch(&client, &download, RetryPolicy::default()).await?;
+
+        let agent = self.agent.clone();
+        let running_binary = running_binary.to_path_buf();
+        let dest = download.dest.clone();
+        let slot = tokio::task::spawn_blocking(move || install(&agent, &running_binary, &dest, target.length, &sha256))
+            .await
+            .map_err(|e| UpdateError::Io {
+                action: "install",
+                path: download.dest.clone(),
+                source: std::io::Error::other(e),
+            })??;
+        let _ = std::fs::remove_file(&download.dest);
+        let pending = Pending { target: name.into(), version: target.version.clone(), slot, failures: Vec::new() };
+        let pending_path = self.agent.pending_path();
+        self.agent.set_pending(&pending).map_err(io_error("write", &pending_path))?;
+        Ok(Installed { target: name.into(), version: target.version, slot })
+    }
+
+    /// Walks the TUF order from the trusted root and saves the versions after
+    /// each role, so a later run (or a restarted agent) never accepts older.
+    async fn refresh_metadata(&self, client: &reqwest::Client, store: &Store) -> Result<TrustedState, UpdateError> {
+        let root = seed_root(store, &self.trust_root)?;
+        let mut state = TrustedState::new(&root, store.trusted_versions()?)?;
+        let mut rotated = None;
+        loop {
+            let next = state.root().version + 1;
+            let Some(bytes) = self.get(client, &format!("{next}.root.json"), RoleType::Root, true).await? else {
+                break;
+            };
+            state.update_root(&bytes)?;
+            rotated = Some(bytes);
+        }
+        if let Some(root) = &rotated {
+            store.set_trust(Some(root), &state.versions())?;
+        }
+        let now = SystemTime::now();
+        let timestamp = self.get(client, "timestamp.json", RoleType::Timestamp, false).await?.unwrap_or_default();
+        state.update_timestamp(&timestamp, now)?;
+        store.set_trust(None, &state.versions())?;
+        let snapshot = self.get(client, "snapshot.json", RoleType::Snapshot, false).await?.unwrap_or_default();
+        state.update_snapshot(&snapshot, now)?;
+        store.set_trust(None, &state.versions())?;
+        let targets = self.get(client, "targets.json", RoleType::Targets, false).await?.unwrap_or_default();
+        state.update_targets(&targets, now)?;
+        store.set_trust(None, &state.versions())?;
+        Ok(state)
+    }
+
+    /// One metadata file, read up to its role's cap; `None` for a 404 when
+    /// `optional` (the next root not existing ends the rotations).
+    async fn get(
+        &self,
+        client: &reqwest::Client,
+        file: &str,
+        role: RoleType,
+        optional: bool,
+    ) -> Result<Option<Vec<u8>>, UpdateError> {
+        let url = format!("{}/v1/tuf/{file}", self.hub_http);
+        let request_error = |source| UpdateError::Request { url: url.clone(), source };
+        let mut response = client.get(&url).send().await.map_err(request_error)?;
+        let status = response.status();
+        if optional && status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(UpdateError::Status { url, status });
+        }
+        let cap = max_size(role);
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(request_error)? {
+            body.extend_from_slice(&chunk);
+            if body.len() as u64 > cap {
+                return Err(UpdateError::TooLarge { url, cap });
+            }
+        }
+        Ok(Some(body))
+    }
+}
+
+/// Fills slot A from the running binary if no update was ever installed,
+/// then writes the verified download to the inactive slot.
+fn install(
+    agent: &AgentSlots,
+    running_binary: &Path,
+    image: &Path,
+    length: u64,
+    sha256: &Digest,
+) -> Result<Slot, UpdateError> {
+    if agent.env()?.is_none() {
+        // Two passes over the file rather than all of it in memory.
+        let open = || std::fs::File::open(running_binary).map_err(io_error("open", running_binary));
+        let mut hashing = ota::HashingReader::new(open()?);
+        std::io::copy(&mut hashing, &mut std::io::sink()).map_err(io_error("read", running_binary))?;
+        let (digest, len) = hashing.finish();
+        agent.slots.write_slot(Slot::A, &mut open()?, len, &digest)?;
+        agent.slots.write_env(&ota::BootEnv::new(Slot::A, BOOTLIMIT))?;
+    }
+    let mut file = std::fs::File::open(image).map_err(io_error("open", image))?;
+    Ok(ota::install_update(&agent.slots, &mut file, length, sha256)?)
+}
