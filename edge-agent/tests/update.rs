@@ -1,0 +1,195 @@
+//! The agent's update flow against a TUF repository served over real HTTP on
+//! loopback: what gets installed, and what is refused with nothing installed.
+//! No root needed: the slots, the store and the repository live in temp dirs.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use edge_agent::store::Store;
+use edge_agent::update::fetch::{Installed, UpdateError, Updater};
+use edge_agent::update::{AgentSlots, BOOTLIMIT};
+use ota::verify::VerifyError;
+use ota::{BootEnv, DownloadError, Slot, SlotBackend};
+use tempfile::TempDir;
+use testkit::http::StaticServer;
+use testkit::tuf::TufRepo;
+
+const HARDWARE: &str = "test-board";
+const OLD_AGENT: &[u8] = b"#!/bin/sh\n# agent 1.0\n";
+const NEW_AGENT: &[u8] = b"#!/bin/sh\n# agent 2.0, a little longer\n";
+
+/// A device with its store, its agent slots and the repository's root as its
+/// configured trust root.
+struct Device {
+    data: TempDir,
+    running_binary: PathBuf,
+    updater: Updater,
+}
+
+impl Device {
+    fn new(repo: &TufRepo, server: &StaticServer) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let trust_root = data.path().join("root.json");
+        std::fs::write(&trust_root, repo.root_json()).unwrap();
+        let running_binary = data.path().join("installed-edge-agent");
+        std::fs::write(&running_binary, OLD_AGENT).unwrap();
+        let updater = Updater {
+            hub_http: server.url(),
+            hardware: HARDWARE.into(),
+            trust_root,
+            agent: AgentSlots::new(data.path()),
+            max_bytes_per_sec: None,
+        };
+        Self { data, running_binary, updater }
+    }
+
+    /// Opens the store, as an agent (re)starting does.
+    fn store(&self) -> Store {
+        Store::open(&self.data.path().join("store"), 1 << 20).unwrap().0
+    }
+
+    async fn update(&self, store: &Store, target: &str) -> Result<Installed, UpdateError> {
+        self.updater.update(store, target, &self.running_binary).await
+    }
+
+    fn slot(&self, slot: Slot) -> Option<Vec<u8>> {
+        std::fs::read(self.updater.agent.slots.slot_path(slot)).ok()
+    }
+
+    fn assert_nothing_installed(&self) {
+        assert_eq!(self.updater.agent.env().unwrap(), None, "no boot environment was written");
+        assert_eq!(self.slot(Slot::B), None, "slot B is empty");
+        assert_eq!(self.updater.agent.pending().unwrap(), None, "no update is pending");
+    }
+}
+
+fn repo_with_agent(content: &[u8], version: &str) -> TufRepo {
+    let mut repo = TufRepo::new();
+    repo.add_target("edge-agent", version, content, &[HARDWARE]);
+    repo.publish();
+    repo
+}
+
+#[tokio::test]
+async fn signed_update_goes_into_slot_b_on_trial_with_the_running_binary_as_slot_a() {
+    let repo = repo_with_agent(NEW_AGENT, "2.0.0");
+    let server = StaticServer::start(repo.dir()).unwrap();
+    let device = Device::new(&repo, &server);
+    let store = device.store();
+
+    let installed = device.update(&store, "edge-agent").await.unwrap();
+
+    assert_eq!((installed.version.as_str(), installed.slot), ("2.0.0", Slot::B));
+    assert_eq!(device.slot(Slot::A).as_deref(), Some(OLD_AGENT));
+    assert_eq!(device.slot(Slot::B).as_deref(), Some(NEW_AGENT));
+    let env = device.updater.agent.env().unwrap().unwrap();
+    assert_eq!((env.active, env.upgrade_available, env.bootcount), (Slot::B, true, 0));
+    assert_eq!(device.updater.agent.pending().unwrap().unwrap().version, "2.0.0");
+    let versions = store.trusted_versions().unwrap();
+    assert_eq!((versions.root, versions.timestamp, versions.snapshot, versions.targets), (1, 1, 1, 1));
+    assert!(std::fs::read_dir(device.updater.agent.download_dir()).unwrap().next().is_none(), "download removed");
+}
+
+#[tokio::test]
+async fn tampered_artifact_is_refused_and_nothing_is_installed() {
+    let repo = repo_with_agent(NEW_AGENT, "2.0.0");
+    let mut evil = NEW_AGENT.to_vec();
+    *evil.last_mut().unwrap() ^= 0x01;
+    std::fs::write(repo.artifact_path(NEW_AGENT), &evil).unwrap();
+    let server = StaticServer::start(repo.dir()).unwrap();
+    let device = Device::new(&repo, &server);
+
+    let err = device.update(&device.store(), "edge-agent").await.unwrap_err();
+
+    assert!(matches!(err, UpdateError::Download(DownloadError::HashMismatch { .. })), "{err}");
+    device.assert_nothing_installed();
+}
+
+#[tokio::test]
+async fn targets_rolled_back_to_an_older_release_after_a_restart_are_refused_and_nothing_is_installed() {
+    let mut repo = repo_with_agent(NEW_AGENT, "2.0.0");
+    let release_1 = repo.metadata_files();
+    repo.add_target("edge-agent", "3.0.0", b"#!/bin/sh\n# agent 3.0\n", &[HARDWARE]);
+    repo.publish();
+    let server = StaticServer::start(repo.dir()).unwrap();
+    let device = Device::new(&repo, &server);
+    {
+        let store = device.store();
+        assert_eq!(device.update(&store, "edge-agent").await.unwrap().version, "3.0.0");
+        assert_eq!(store.trusted_versions().unwrap().targets, 2);
+    }
+    // Confirmed, so the slot would be free for another update.
+    ota::confirm_boot(&device.updater.agent.slots).unwrap();
+    device.updater.agent.clear_pending().unwrap();
+    for (path, bytes) in release_1 {
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    let err = device.update(&device.store(), "edge-agent").await.unwrap_err();
+
+    assert!(matches!(err, UpdateError::Verify(VerifyError::Rollback { trusted: 2, found: 1, .. })), "{err}");
+    assert_eq!(device.updater.agent.env().unwrap(), Some(BootEnv::new(Slot::B, BOOTLIMIT)));
+    assert_eq!(device.slot(Slot::A).as_deref(), Some(OLD_AGENT), "the fallback slot is untouched");
+    assert_eq!(device.updater.agent.pending().unwrap(), None);
+}
+
+#[tokio::test]
+async fn expired_metadata_is_refused_and_nothing_is_installed() {
+    let mut repo = TufRepo::new();
+    repo.add_target("edge-agent", "2.0.0", NEW_AGENT, &[HARDWARE]);
+    repo.expires = SystemTime::now() - Duration::from_secs(24 * 3600);
+    repo.publish();
+    let server = StaticServer::start(repo.dir()).unwrap();
+    let device = Device::new(&repo, &server);
+
+    let err = device.update(&device.store(), "edge-agent").await.unwrap_err();
+
+    assert!(matches!(err, UpdateError::Verify(VerifyError::Expired { .. })), "{err}");
+    device.assert_nothing_installed();
+}
+
+#[tokio::test]
+async fn target_for_other_hardware_is_refused_and_nothing_is_installed() {
+    let mut repo = TufRepo::new();
+    repo.add_target("edge-agent", "2.0.0", NEW_AGENT, &["another-board"]);
+    repo.publish();
+    let server = StaticServer::start(repo.dir()).unwrap();
+    let device = Device::new(&repo, &server);
+
+    let err = device.update(&device.store(), "edge-agent").await.unwrap_err();
+
+    assert!(matches!(err, UpdateError::Verify(VerifyError::WrongHardware { .. })), "{err}");
+    device.assert_nothing_installed();
+}
+
+#[tokio::test]
+async fn rotated_root_is_stored_and_trusted_instead_of_the_configured_one() {
+    let mut repo = repo_with_agent(NEW_AGENT, "2.0.0");
+    let server = StaticServer::start(repo.dir()).unwrap();
+    let device = Device::new(&repo, &server);
+    repo.rotate_root();
+    let store = device.store();
+
+    device.update(&store, "edge-agent").await.unwrap();
+
+    assert_eq!(store.trusted_root().unwrap(), Some(repo.root_json()));
+    assert_eq!(store.trusted_versions().unwrap().root, 2);
+    // The configured file no longer matters: the store's root is used.
+    std::fs::remove_file(&device.updater.trust_root).unwrap();
+    let seeded = edge_agent::update::fetch::seed_root(&store, &device.updater.trust_root).unwrap();
+    assert_eq!(seeded, repo.root_json());
+}
+
+#[tokio::test]
+async fn without_a_trust_root_the_update_is_refused_naming_the_file() {
+    let repo = repo_with_agent(NEW_AGENT, "2.0.0");
+    let server = StaticServer::start(repo.dir()).unwrap();
+    let device = Device::new(&repo, &server);
+    std::fs::remove_file(&device.updater.trust_root).unwrap();
+
+    let err = device.update(&device.store(), "edge-agent").await.unwrap_err();
+
+    assert!(matches!(err, UpdateError::NoTrustRoot { .. }), "{err}");
+    assert!(err.to_string().contains("root.json"), "{err}");
+    device.assert_nothing_installed();
+}
