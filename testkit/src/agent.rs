@@ -169,6 +169,11 @@ impl Agent {
         }
     }
 
+    /// The daemon's pid, which stays the same across the execs of a self-update.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.lock().unwrap().as_ref().map(|child| child.id())
+    }
+
     /// SIGKILL to the daemon, as a crash or a power cut would do it.
     pub fn kill_daemon(&self) {
         if let Some(mut child) = self.daemon.lock().unwrap().take() {

@@ -1,0 +1,135 @@
+//! Agent self-update on a real kernel: the real daemon updates itself from a
+//! TUF repository served over loopback HTTP, into the slots under its data
+//! dir, while a real container workload keeps running. Needs root.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use testkit::agent::{agent_binary, state, Agent};
+use testkit::http::StaticServer;
+use testkit::tuf::TufRepo;
+
+const HARDWARE: &str = "test-board";
+const WAIT: Duration = Duration::from_secs(15);
+/// Downloading and writing two copies of a debug build takes a while.
+const UPDATE_WAIT: Duration = Duration::from_secs(120);
+
+/// A daemon with a long-running workload, configured to update from `repo`.
+struct Setup {
+    agent: Agent,
+    _server: StaticServer,
+    container_pid: i64,
+}
+
+fn setup(repo: &TufRepo, extra_config: &str) -> Setup {
+    let server = StaticServer::start(repo.dir()).unwrap();
+    let mut agent = Agent::new();
+    let root = agent.data.path().join("root.json");
+    std::fs::write(&root, repo.root_json()).unwrap();
+    agent.use_config(&format!(
+        "hub-http = \"{}\"\nhardware = \"{HARDWARE}\"\ntrust-root = \"{}\"\n{extra_config}",
+        server.url(),
+        root.display()
+    ));
+    let image = testkit::import_busybox(&agent);
+    agent.run_spec(&format!(
+        "name = \"steady\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", \"sleep 3600\"]\nstop-grace-period = \"1s\"\n"
+    ));
+    let w = agent.wait_for("steady", WAIT, "running", |w| state(w) == "running" && w["status"]["pid"].is_i64());
+    let container_pid = w["status"]["pid"].as_i64().unwrap();
+    agent.start_daemon();
+    Setup { agent, _server: server, container_pid }
+}
+
+/// The running agent binary with a few bytes appended: another sha256, and it runs.
+fn new_agent_build() -> Vec<u8> {
+    let mut bytes = std::fs::read(agent_binary()).unwrap();
+    bytes.extend_from_slice(b"\nedge-agent 2.0.0\n");
+    bytes
+}
+
+fn slot_binary(agent: &Agent, slot: &str) -> PathBuf {
+    agent.data.path().join("agent").join(slot).join("edge-agent")
+}
+
+fn update_status(agent: &Agent) -> Value {
+    serde_json::from_str(&agent.ok(&["update", "--status", "--json"])).unwrap()
+}
+
+/// Polls until `check` holds, or panics with the daemon's log.
+fn wait_until(agent: &Agent, timeout: Duration, what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} not within {timeout:?}; daemon log:\n{}", agent.daemon_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Events as the daemon serves them; empty while it is between execs.
+fn events(agent: &Agent) -> Vec<Value> {
+    let out = agent.exec(&["events", "--json"]);
+    serde_json::from_slice::<Value>(&out.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+}
+
+fn daemon_exe(agent: &Agent) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{}/exe", agent.daemon_pid()?)).ok()
+}
+
+#[test]
+fn agent_updates_itself_into_slot_b_and_confirms_while_the_workload_keeps_its_pid() {
+    let mut repo = TufRepo::new();
+    repo.add_target("edge-agent", "2.0.0", &new_agent_build(), &[HARDWARE]);
+    repo.publish();
+    // Bound whole: the server must outlive the update.
+    let setup = setup(&repo, "update-health-deadline = \"30s\"\n");
+    let (agent, container_pid) = (&setup.agent, setup.container_pid);
+    let pid = agent.daemon_pid().unwrap();
+
+    let out = agent.ok(&["update", "--target", "edge-agent"]);
+    assert!(out.contains("installed in slot B"), "{out}");
+
+    let slot_b = slot_binary(agent, "b");
+    wait_until(agent, UPDATE_WAIT, "the agent running from slot B, confirmed", || {
+        daemon_exe(agent).as_ref() == Some(&slot_b) && update_status(agent)["confirmed"] == true
+    });
+    assert_eq!(agent.daemon_pid(), Some(pid), "exec keeps the daemon's pid");
+    assert_eq!(update_status(agent)["slot"], "B");
+    assert_eq!(std::fs::read(&slot_b).unwrap(), new_agent_build());
+    wait_until(agent, WAIT, "an updated event", || {
+        events(agent).iter().any(|e| e["event"] == "updated" && e["version"] == "2.0.0")
+    });
+    let w = agent.workload("steady");
+    assert_eq!((state(&w), w["status"]["pid"].as_i64()), ("running", Some(container_pid)), "{w:#}");
+}
+
+#[test]
+fn agent_update_that_never_confirms_is_rolled_back_by_boot_counting_and_the_workload_never_stops() {
+    let mut repo = TufRepo::new();
+    repo.add_target("edge-agent", "2.0.0", &new_agent_build(), &[HARDWARE]);
+    repo.publish();
+    // The hub is configured but never answers: the updated agent cannot
+    // confirm itself, the old one never needed to.
+    let setup = setup(&repo, "hub = \"mqtt://127.0.0.1:9\"\nupdate-health-deadline = \"2s\"\n");
+    let (agent, container_pid) = (&setup.agent, setup.container_pid);
+
+    let out = agent.ok(&["update", "--target", "edge-agent"]);
+    assert!(out.contains("installed in slot B"), "{out}");
+
+    let slot_a = slot_binary(agent, "a");
+    wait_until(agent, UPDATE_WAIT, "a rollback to slot A", || {
+        let status = update_status(agent);
+        status["slot"] == "A" && status["confirmed"] == true && daemon_exe(agent).as_ref() == Some(&slot_a)
+    });
+    wait_until(agent, WAIT, "an update-rolled-back event", || {
+        events(agent).iter().any(|e| {
+            e["event"] == "update-rolled-back"
+                && e["version"] == "2.0.0"
+                && e["reason"].as_str().unwrap_or("").contains("hub was not reached")
+        })
+    });
+    assert!(!events(agent).iter().any(|e| e["event"] == "updated"));
+    assert_eq!(std::fs::read(&slot_a).unwrap(), std::fs::read(agent_binary()).unwrap(), "the old agent is back");
+    let w = agent.workload("steady");
+    assert_eq!((state(&w), w["status"]["pid"].as_i64()), ("running", Some(container_pid)), "{w:#}");
+}
