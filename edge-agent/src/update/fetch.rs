@@ -21,6 +21,8 @@ pub enum UpdateError {
     BadTrustRoot { path: PathBuf, source: VerifyError },
     #[error("request to {url} failed: {source}; check hub-http and the link")]
     Request { url: String, source: reqwest::Error },
+    #[error("{url} is not there (HTTP 404): the hub publishes no update metadata there; check hub-http")]
+    Missing { url: String },
     #[error("{url} answered HTTP {status}")]
     Status { url: String, status: reqwest::StatusCode },
     #[error("{url} sent more than {cap} bytes, over the cap for its role; refused unread")]
@@ -132,45 +134,41 @@ impl Updater {
     async fn refresh_metadata(&self, client: &reqwest::Client, store: &Store) -> Result<TrustedState, UpdateError> {
         let root = seed_root(store, &self.trust_root)?;
         let mut state = TrustedState::new(&root, store.trusted_versions()?)?;
-        let mut rotated = None;
         loop {
             let next = state.root().version + 1;
-            let Some(bytes) = self.get(client, &format!("{next}.root.json"), RoleType::Root, true).await? else {
+            let Some(bytes) = self.get(client, &format!("{next}.root.json"), RoleType::Root).await? else {
                 break;
             };
             state.update_root(&bytes)?;
-            rotated = Some(bytes);
-        }
-        if let Some(root) = &rotated {
-            store.set_trust(Some(root), &state.versions())?;
+            // Each root as it is trusted: a later one failing keeps this one.
+            store.set_trust(Some(&bytes), &state.versions())?;
         }
         let now = SystemTime::now();
-        let timestamp = self.get(client, "timestamp.json", RoleType::Timestamp, false).await?.unwrap_or_default();
+        let timestamp = self.required(client, "timestamp.json", RoleType::Timestamp).await?;
         state.update_timestamp(&timestamp, now)?;
         store.set_trust(None, &state.versions())?;
-        let snapshot = self.get(client, "snapshot.json", RoleType::Snapshot, false).await?.unwrap_or_default();
+        let snapshot = self.required(client, "snapshot.json", RoleType::Snapshot).await?;
         state.update_snapshot(&snapshot, now)?;
         store.set_trust(None, &state.versions())?;
-        let targets = self.get(client, "targets.json", RoleType::Targets, false).await?.unwrap_or_default();
+        let targets = self.required(client, "targets.json", RoleType::Targets).await?;
         state.update_targets(&targets, now)?;
         store.set_trust(None, &state.versions())?;
         Ok(state)
     }
 
-    /// One metadata file, read up to its role's cap; `None` for a 404 when
-    /// `optional` (the next root not existing ends the rotations).
-    async fn get(
-        &self,
-        client: &reqwest::Client,
-        file: &str,
-        role: RoleType,
-        optional: bool,
-    ) -> Result<Option<Vec<u8>>, UpdateError> {
+    async fn required(&self, client: &reqwest::Client, file: &str, role: RoleType) -> Result<Vec<u8>, UpdateError> {
+        let url = || format!("{}/v1/tuf/{file}", self.hub_http);
+        self.get(client, file, role).await?.ok_or_else(|| UpdateError::Missing { url: url() })
+    }
+
+    /// One metadata file, read up to its role's cap; `None` for a 404 (the
+    /// next root not existing ends the rotations).
+    async fn get(&self, client: &reqwest::Client, file: &str, role: RoleType) -> Result<Option<Vec<u8>>, UpdateError> {
         let url = format!("{}/v1/tuf/{file}", self.hub_http);
         let request_error = |source| UpdateError::Request { url: url.clone(), source };
         let mut response = client.get(&url).send().await.map_err(request_error)?;
         let status = response.status();
-        if optional && status == reqwest::StatusCode::NOT_FOUND {
+        if status == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
         if !status.is_success() {
