@@ -133,3 +133,36 @@ fn agent_update_that_never_confirms_is_rolled_back_by_boot_counting_and_the_work
     let w = agent.workload("steady");
     assert_eq!((state(&w), w["status"]["pid"].as_i64()), ("running", Some(container_pid)), "{w:#}");
 }
+
+#[test]
+fn agent_update_that_exits_at_once_is_rolled_back_after_the_service_manager_restarts_it_bootlimit_times() {
+    let mut repo = TufRepo::new();
+    repo.add_target("edge-agent", "2.0.0", b"#!/bin/sh\necho broken agent >&2\nexit 1\n", &[HARDWARE]);
+    repo.publish();
+    let setup = setup(&repo, "");
+    let (agent, container_pid) = (&setup.agent, setup.container_pid);
+
+    agent.ok(&["update", "--target", "edge-agent"]);
+
+    // Boot 1: the daemon execs into the update, which exits.
+    let status = agent.wait_daemon_exit(UPDATE_WAIT).expect("the broken agent exits");
+    assert_eq!(status.code(), Some(1), "{}", agent.daemon_log());
+    // Boots 2 and 3, as systemd's Restart=always would start them.
+    for boot in 2..=edge_agent::update::BOOTLIMIT {
+        let out = agent.command().arg("daemon").output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "boot {boot}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(update_status(agent)["bootcount"], boot);
+    }
+    // Past the limit, the previous agent runs again.
+    agent.start_daemon();
+    let slot_a = slot_binary(agent, "a");
+    wait_until(agent, WAIT, "the agent running from slot A", || daemon_exe(agent).as_ref() == Some(&slot_a));
+    assert_eq!(update_status(agent)["slot"], "A");
+    wait_until(agent, WAIT, "an update-rolled-back event", || {
+        events(agent).iter().any(|e| {
+            e["event"] == "update-rolled-back" && e["reason"].as_str().unwrap_or("").contains("within 3 boots")
+        })
+    });
+    let w = agent.workload("steady");
+    assert_eq!((state(&w), w["status"]["pid"].as_i64()), ("running", Some(container_pid)), "{w:#}");
+}

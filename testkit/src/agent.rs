@@ -174,6 +174,23 @@ impl Agent {
         self.daemon.lock().unwrap().as_ref().map(|child| child.id())
     }
 
+    /// Waits up to `timeout` for the daemon to exit by itself; its exit status, if it did.
+    pub fn wait_daemon_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let mut daemon = self.daemon.lock().unwrap();
+        let child = daemon.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                *daemon = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL to the daemon, as a crash or a power cut would do it.
     pub fn kill_daemon(&self) {
         if let Some(mut child) = self.daemon.lock().unwrap().take() {
