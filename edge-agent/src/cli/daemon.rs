@@ -55,15 +55,10 @@ pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
         tracing::info!(device = %config.device_id, "agent running; workloads keep running when it stops");
         let store = Arc::new(store);
         update::health::settle(&agent, &store);
-        let updater = Updater {
-            hub_http: config.hub_http.trim_end_matches('/').to_string(),
-            hardware: config.hardware.clone(),
-            trust_root: config.trust_root.clone(),
-            agent: agent.clone(),
-            max_bytes_per_sec: (config.update_bandwidth.0 > 0).then_some(config.update_bandwidth.0),
-        };
-        let core = Core::new(store.clone(), supervisor.clone(), config.insecure_registries.clone())
-            .with_updater(Arc::new(updater));
+        let mut core = Core::new(store.clone(), supervisor.clone(), config.insecure_registries.clone());
+        if !config.hub_http.is_empty() {
+            core = core.with_updater(Arc::new(Updater::from_config(config, agent.clone())));
+        }
         let connected = Arc::new(Notify::new());
         if boot.trial {
             tokio::spawn(update::health::watch(Trial {

@@ -38,13 +38,7 @@ pub fn run(config: &Config, args: UpdateArgs) -> anyhow::Result<()> {
             // No daemon: install here; the next `edge-agent daemon` starts it.
             let (store, _) = Store::open(&config.data_dir.join("store"), config.store_cache.0)
                 .context("cannot open the agent's store (is a daemon starting?)")?;
-            let updater = Updater {
-                hub_http: config.hub_http.trim_end_matches('/').to_string(),
-                hardware: config.hardware.clone(),
-                trust_root: config.trust_root.clone(),
-                agent,
-                max_bytes_per_sec: (config.update_bandwidth.0 > 0).then_some(config.update_bandwidth.0),
-            };
+            let updater = Updater::from_config(config, agent);
             let exe = std::env::current_exe().context("cannot find this agent's binary")?;
             let installed = super::block_on(updater.update(&store, &target, &exe))?
                 .with_context(|| format!("update to {target} refused"))?;

@@ -9,6 +9,7 @@ use ota::verify::{max_size, TrustedState, VerifyError};
 use ota::{Digest, Download, DownloadError, RetryPolicy, Slot, SlotBackend, SlotError};
 
 use super::{AgentSlots, Pending, BOOTLIMIT};
+use crate::config::Config;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,16 @@ pub fn seed_root(store: &Store, trust_root: &Path) -> Result<Vec<u8>, UpdateErro
 }
 
 impl Updater {
+    pub fn from_config(config: &Config, agent: AgentSlots) -> Self {
+        Self {
+            hub_http: config.hub_http.trim_end_matches('/').to_string(),
+            hardware: config.hardware.clone(),
+            trust_root: config.trust_root.clone(),
+            agent,
+            max_bytes_per_sec: (config.update_bandwidth.0 > 0).then_some(config.update_bandwidth.0),
+        }
+    }
+
     /// Verifies the metadata, downloads target `name` and writes it to the
     /// inactive slot; `running_binary` fills slot A first when no update was
     /// ever installed, so there is a slot to fall back to. The restart into

@@ -138,3 +138,65 @@ fn confirm(trial: &Trial) {
         Err(e) => tracing::error!("cannot read the pending agent update: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ota::{BootEnv, Slot, SlotBackend};
+
+    use super::*;
+
+    fn pending(failures: &[&str]) -> Pending {
+        Pending {
+            target: "edge-agent".into(),
+            version: "2.0.0".into(),
+            slot: Slot::B,
+            failures: failures.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    /// An agent's slots and store in a temp dir, with `env` and `pending` recorded.
+    fn device(env: BootEnv, pending: &Pending) -> (tempfile::TempDir, AgentSlots, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = AgentSlots::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("agent")).unwrap();
+        agent.slots.write_env(&env).unwrap();
+        agent.set_pending(pending).unwrap();
+        let (store, _) = Store::open(&dir.path().join("store"), 1 << 20).unwrap();
+        (dir, agent, store)
+    }
+
+    fn kinds(store: &Store) -> Vec<EventKind> {
+        store.events_after(0, 100).unwrap().into_iter().map(|e| e.kind).collect()
+    }
+
+    #[test]
+    fn settle_records_a_rollback_with_the_last_failed_boot_s_reason() {
+        let (_dir, agent, store) = device(BootEnv::new(Slot::A, 3), &pending(&["first", "hub not reached"]));
+        settle(&agent, &store);
+        assert_eq!(
+            kinds(&store),
+            [EventKind::UpdateRolledBack {
+                target: "edge-agent".into(),
+                version: "2.0.0".into(),
+                reason: "hub not reached".into()
+            }]
+        );
+        assert_eq!(agent.pending().unwrap(), None);
+    }
+
+    #[test]
+    fn settle_records_an_update_confirmed_before_its_event_was_written() {
+        let (_dir, agent, store) = device(BootEnv::new(Slot::B, 3), &pending(&[]));
+        settle(&agent, &store);
+        assert_eq!(kinds(&store), [EventKind::Updated { target: "edge-agent".into(), version: "2.0.0".into() }]);
+    }
+
+    #[test]
+    fn settle_leaves_an_update_still_on_trial_alone() {
+        let on_trial = BootEnv::new(Slot::A, 3).install().unwrap();
+        let (_dir, agent, store) = device(on_trial, &pending(&[]));
+        settle(&agent, &store);
+        assert_eq!(kinds(&store), []);
+        assert!(agent.pending().unwrap().is_some());
+    }
+}
