@@ -193,3 +193,18 @@ async fn without_a_trust_root_the_update_is_refused_naming_the_file() {
     assert!(err.to_string().contains("root.json"), "{err}");
     device.assert_nothing_installed();
 }
+
+#[tokio::test]
+async fn second_update_while_the_first_is_on_trial_is_refused_before_downloading() {
+    let repo = repo_with_agent(NEW_AGENT, "2.0.0");
+    let server = StaticServer::start(repo.dir()).unwrap();
+    let device = Device::new(&repo, &server);
+    let store = device.store();
+    device.update(&store, "edge-agent").await.unwrap();
+    std::fs::remove_file(repo.artifact_path(NEW_AGENT)).unwrap();
+
+    let err = device.update(&store, "edge-agent").await.unwrap_err();
+
+    assert!(matches!(err, UpdateError::Slot(ota::SlotError::UpgradePending { pending: Slot::B })), "{err}");
+    assert_eq!(device.slot(Slot::A).as_deref(), Some(OLD_AGENT), "the fallback slot is untouched");
+}

@@ -102,6 +102,10 @@ impl Updater {
         if self.hub_http.is_empty() {
             return Err(UpdateError::NoHub);
         }
+        // Before downloading: an update on trial holds the other slot.
+        if let Some(env) = self.agent.env()? {
+            env.inactive()?;
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
