@@ -10,8 +10,9 @@
 //!   target hardware, length and hash checks, all with the clock passed in.
 //! - [`download`]: downloads that resume from the byte where a drop left
 //!   them, capped at their signed length, verified, optionally paced.
-//! - [`slots`]: A/B slots with a boot environment that rolls an update back
-//!   when it does not confirm itself healthy within its boot limit.
+//! - [`slots`]: A/B slots (files, or block devices with a text boot
+//!   environment a bootloader reads) that roll an update back when it does
+//!   not confirm itself healthy within its boot limit.
 
 pub mod canonical;
 pub mod digest;
