@@ -259,6 +259,18 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_table_takes_a_size_with_units_and_registry_hosts() {
+        let config =
+            Config::parse("[cache]\nmax-size = \"512MiB\"\nupstream-registries = [\"10.0.0.2:5000\"]\n").unwrap();
+        assert_eq!(config.cache.max_size, ByteSize(512 << 20));
+        assert_eq!(config.cache.upstream_registries, ["10.0.0.2:5000"]);
+        let err = Config::parse("[cache]\ndefault-registry = \"https://docker.io\"\n").unwrap_err().to_string();
+        assert!(err.contains("host:port"), "{err}");
+        let err = Config::parse("[cache]\nmax-size = \"lots\"\n").unwrap_err().to_string();
+        assert!(err.contains("not a size"), "{err}");
+    }
+
+    #[test]
     fn holding_unknown_devices_needs_the_embedded_broker() {
         let config = Config::parse("unknown-devices = \"hold\"\n").unwrap();
         assert_eq!(config.unknown_devices, UnknownDevices::Hold);
