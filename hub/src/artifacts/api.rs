@@ -32,20 +32,28 @@ pub fn router(mirror: Arc<Mirror>) -> Router {
 }
 
 /// An error of the `/v1` endpoints: `{ "error": "..." }` as the rest of the API.
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
 }
 
-fn internal(e: CacheError) -> Response {
+fn error(status: StatusCode, message: impl Into<String>) -> Failure {
+    Failure(status, message.into())
+}
+
+fn internal(e: CacheError) -> Failure {
     tracing::error!("site cache: {e}");
     error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-fn parse_digest(text: &str) -> Result<Digest, Response> {
+fn parse_digest(text: &str) -> Result<Digest, Failure> {
     text.parse().map_err(|e: ota::DigestParseError| error(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
-async fn list(State(mirror): State<Arc<Mirror>>) -> Result<Json<Vec<BlobInfo>>, Response> {
+async fn list(State(mirror): State<Arc<Mirror>>) -> Result<Json<Vec<BlobInfo>>, Failure> {
     mirror.cache().list().map(Json).map_err(internal)
 }
 
@@ -53,7 +61,7 @@ async fn get_artifact(
     State(mirror): State<Arc<Mirror>>,
     Path(digest): Path<String>,
     headers: HeaderMap,
-) -> Result<Response, Response> {
+) -> Result<Response, Failure> {
     let digest = parse_digest(&digest)?;
     match mirror.cache().open_blob(&digest).await.map_err(internal)? {
         Some(blob) => Ok(serve(blob, &headers, OCTETS).await),
@@ -71,7 +79,7 @@ async fn put_artifact(
     Path(digest): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, Response> {
+) -> Result<Response, Failure> {
     let digest = parse_digest(&digest)?;
     let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let stream = body.into_data_stream().map_err(|e| CacheError::Transfer(e.to_string()));
@@ -86,7 +94,7 @@ async fn put_artifact(
 }
 
 /// `role.json` to the role, when it is one the hub keeps.
-fn tuf_file(file: &str) -> Result<&str, Response> {
+fn tuf_file(file: &str) -> Result<&str, Failure> {
     file.strip_suffix(".json").filter(|role| tuf_role(role)).ok_or_else(|| {
         error(
             StatusCode::NOT_FOUND,
@@ -95,7 +103,7 @@ fn tuf_file(file: &str) -> Result<&str, Response> {
     })
 }
 
-async fn get_tuf(State(mirror): State<Arc<Mirror>>, Path(file): Path<String>) -> Result<Response, Response> {
+async fn get_tuf(State(mirror): State<Arc<Mirror>>, Path(file): Path<String>) -> Result<Response, Failure> {
     let role = tuf_file(&file)?;
     match mirror.cache().tuf(role).map_err(internal)? {
         Some(bytes) => Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response()),
@@ -109,7 +117,7 @@ async fn put_tuf(
     State(mirror): State<Arc<Mirror>>,
     Path(file): Path<String>,
     body: Bytes,
-) -> Result<Response, Response> {
+) -> Result<Response, Failure> {
     let role = tuf_file(&file)?;
     let signed = serde_json::from_slice::<serde_json::Value>(&body).ok().is_some_and(|v| {
         v.get("signed").is_some_and(|s| s.is_object()) && v.get("signatures").is_some_and(|s| s.is_array())
@@ -283,7 +291,7 @@ async fn serve(blob: OpenBlob, headers: &HeaderMap, content_type: &str) -> Respo
     };
     if start > 0 {
         if let Err(e) = file.seek(SeekFrom::Start(start)).await {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read {digest}: {e}"));
+            return error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read {digest}: {e}")).into_response();
         }
     }
     // The guard lives as long as the body: no eviction while it streams.

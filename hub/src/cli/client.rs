@@ -183,7 +183,7 @@ impl ApiClient {
             let mut buf = vec![0u8; 64 << 10];
             let n = file.read(&mut buf).await?;
             buf.truncate(n);
-            Ok::<_, std::io::Error>((n > 0).then(|| (buf, file)))
+            Ok::<_, std::io::Error>((n > 0).then_some((buf, file)))
         });
         let request = self
             .http
