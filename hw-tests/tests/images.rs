@@ -612,3 +612,20 @@ async fn get_json(url: &str) -> serde_json::Value {
     assert!(head.starts_with("HTTP/1.1 200"), "{response}");
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
+
+#[tokio::test]
+async fn a_pull_goes_to_the_registry_at_once_when_the_mirror_is_unreachable() {
+    require_root();
+    let dir = TempDir::new().unwrap();
+    let (registry, _) = registry_with(dir.path(), "busybox:direct", vec![]);
+    // A port that was free a moment ago: nothing answers there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let opts = PullOptions { registry_mirror: Some(format!("http://{closed}")), ..options(&registry.host()) };
+    let reference = format!("{}/busybox:direct", registry.host());
+
+    let started = std::time::Instant::now();
+    let image = store(dir.path()).pull(&reference, &opts, &NoProgress).await.unwrap();
+
+    assert_eq!(image.reference, reference);
+    assert!(started.elapsed() < Duration::from_secs(10), "no retries against a mirror that refuses connections");
+}

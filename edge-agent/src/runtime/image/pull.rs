@@ -152,12 +152,11 @@ impl ImageStore {
             if insecure {
                 mirror_opts.insecure_registries.push(host.clone());
             }
-            // A mirror that is down should cost a device little before it goes to the registry.
-            mirror_opts.retries = opts.retries.min(1);
             let puller = Puller {
                 store: self,
                 client: client(&mirror_opts),
                 source: via_mirror(&parsed, &host),
+                at_mirror: true,
                 registry: host,
                 reference: parsed.clone(),
                 opts: &mirror_opts,
@@ -175,6 +174,7 @@ impl ImageStore {
             client: client(opts),
             registry: parsed.registry().to_string(),
             source: parsed.clone(),
+            at_mirror: false,
             reference: parsed,
             opts,
             progress,
@@ -200,6 +200,10 @@ struct Puller<'a> {
     reference: Reference,
     /// Where it is asked for: the reference itself, or its name at a mirror.
     source: Reference,
+    /// A mirror that cannot be reached is left at once for the registry; one
+    /// that answers slowly is retried as a registry would be, since it may be
+    /// fetching a large blob for the whole site.
+    at_mirror: bool,
     registry: String,
     opts: &'a PullOptions,
     progress: &'a dyn PullProgress,
@@ -283,6 +287,9 @@ impl Puller<'_> {
             match request().await {
                 Ok(value) => return Ok(value),
                 Err(Failure { error, transient: false }) => return Err(error),
+                Err(Failure { error: error @ ImageError::RegistryUnreachable { .. }, .. }) if self.at_mirror => {
+                    return Err(error)
+                }
                 Err(Failure { error, .. }) if failures >= self.opts.retries => return Err(error),
                 Err(Failure { error, .. }) => {
                     failures += 1;
