@@ -245,8 +245,7 @@ impl Cache {
         let mut blobs = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
             let entry = entry.map_err(io("list", &dir))?;
-            let Ok(digest) = entry.file_name().to_str().map(Digest::from_hex).transpose() else { continue };
-            let Some(digest) = digest else { continue };
+            let Some(Ok(digest)) = entry.file_name().to_str().map(Digest::from_hex) else { continue };
             // Evicted or replaced since the listing: skip it.
             let Ok(meta) = entry.metadata() else { continue };
             let last_used = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
