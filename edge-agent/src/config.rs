@@ -35,6 +35,9 @@ pub struct Config {
     pub log_max_size: ByteSize,
     pub log_files: u32,
     pub insecure_registries: Vec<String>,
+    /// The site's hub (`http://hub:8080`), asked for images before their
+    /// registries; empty: none.
+    pub registry_mirror: String,
     pub store_cache: ByteSize,
     #[serde(deserialize_with = "duration")]
     pub reconcile_interval: Duration,
@@ -69,6 +72,7 @@ impl Default for Config {
             log_max_size: ByteSize(1 << 20),
             log_files: 3,
             insecure_registries: Vec::new(),
+            registry_mirror: String::new(),
             store_cache: ByteSize(4 << 20),
             reconcile_interval: Duration::from_secs(2),
             trust_root: "/etc/outpost/root.json".into(),
@@ -125,6 +129,9 @@ impl Config {
         }
         if self.report_interval.is_zero() {
             bail!("report-interval must be above zero, e.g. \"2s\"");
+        }
+        if !self.registry_mirror.is_empty() {
+            crate::runtime::image::mirror_host(&self.registry_mirror).map_err(anyhow::Error::msg)?;
         }
         if self.reconcile_interval.is_zero() {
             bail!("reconcile-interval must be above zero, e.g. \"2s\"");
@@ -188,6 +195,16 @@ mod tests {
         assert_eq!(config.store_cache, ByteSize(512 << 10));
         assert_eq!(config.reconcile_interval, Duration::from_millis(500));
         assert_eq!(config.data_dir, Config::default().data_dir);
+    }
+
+    #[test]
+    fn a_registry_mirror_is_an_http_or_https_url_without_a_path() {
+        let config = load_text("registry-mirror = \"http://hub.local:8080\"\n").unwrap();
+        assert_eq!(config.registry_mirror, "http://hub.local:8080");
+        for wrong in ["hub:8080", "http://hub:8080/v2", "ftp://hub"] {
+            let err = load_text(&format!("registry-mirror = {wrong:?}\n")).unwrap_err().to_string();
+            assert!(err.contains("registry-mirror") && err.contains("http://HOST"), "{err}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use outpost_proto::sync::{Encoding, Topics};
+use outpost_proto::ByteSize;
 use serde::Deserialize;
 
 use crate::registry::valid_device_id;
@@ -32,8 +33,28 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// What deployments may ask of devices.
     pub policy: Policy,
+    /// The site cache of artifacts and images (docs/artifacts.md).
+    pub cache: CacheConfig,
     /// Device id -> token.
     pub devices: BTreeMap<String, String>,
+}
+
+/// The `[cache]` table: the site cache under `data-dir/cache`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Cached blobs beyond this are evicted, least recently used first.
+    pub max_size: ByteSize,
+    /// Registries (`host:port`) the mirror may fetch from; empty: any.
+    pub upstream_registries: Vec<String>,
+    /// Where a repository name without a registry host goes; empty: refused.
+    pub default_registry: String,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { max_size: ByteSize(20 << 30), upstream_registries: Vec::new(), default_registry: String::new() }
+    }
 }
 
 /// The `unknown-devices` key: what the embedded broker does with a device
@@ -81,6 +102,7 @@ impl Default for Config {
             unknown_devices: UnknownDevices::Refuse,
             insecure_registries: Vec::new(),
             policy: Policy::default(),
+            cache: CacheConfig::default(),
             devices: BTreeMap::new(),
         }
     }
@@ -116,6 +138,14 @@ impl Config {
             if registry.is_empty() || registry.contains(['/', ' ']) {
                 return invalid(format!("insecure-registries: {registry:?} must be a registry's host:port"));
             }
+        }
+        for registry in self.cache.upstream_registries.iter().chain(Some(&self.cache.default_registry)) {
+            if registry.contains(['/', ' ']) {
+                return invalid(format!("cache: {registry:?} must be a registry's host:port"));
+            }
+        }
+        if let Some(registry) = self.cache.upstream_registries.iter().find(|r| r.is_empty()) {
+            return invalid(format!("cache.upstream-registries: {registry:?} must be a registry's host:port"));
         }
         if let Some(path) = self.policy.allowed_host_paths.iter().find(|p| !p.is_absolute()) {
             return invalid(format!("policy.allowed-host-paths: {path:?} must be an absolute path"));
@@ -226,6 +256,18 @@ mod tests {
         assert!(err.contains("policy.allowed-host-paths") && err.contains("absolute"), "{err}");
         let err = Config::parse("[policy]\nallow-everything = true\n").unwrap_err().to_string();
         assert!(err.contains("allow-everything"), "{err}");
+    }
+
+    #[test]
+    fn the_cache_table_takes_a_size_with_units_and_registry_hosts() {
+        let config =
+            Config::parse("[cache]\nmax-size = \"512MiB\"\nupstream-registries = [\"10.0.0.2:5000\"]\n").unwrap();
+        assert_eq!(config.cache.max_size, ByteSize(512 << 20));
+        assert_eq!(config.cache.upstream_registries, ["10.0.0.2:5000"]);
+        let err = Config::parse("[cache]\ndefault-registry = \"https://docker.io\"\n").unwrap_err().to_string();
+        assert!(err.contains("host:port"), "{err}");
+        let err = Config::parse("[cache]\nmax-size = \"lots\"\n").unwrap_err().to_string();
+        assert!(err.contains("not a size"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! the same in two steps, for a caller that needs the broker's address.
 
 pub mod api;
+pub mod artifacts;
 mod broker;
 pub mod cli;
 pub mod config;
@@ -36,6 +37,7 @@ use store::Store;
 pub struct Hub {
     config: Config,
     store: Store,
+    cache: artifacts::Cache,
     broker: Option<(EmbeddedBroker, String)>,
     /// The embedded broker's handle on the store, emptied when the hub stops.
     broker_store: Option<broker::StoreHandle>,
@@ -53,6 +55,9 @@ impl Hub {
             .with_context(|| format!("cannot create the data directory {:?}", config.data_dir))?;
         let store = Store::open(&config.data_dir)
             .with_context(|| format!("cannot open the hub's store in {:?}", config.data_dir))?;
+        let cache_dir = config.data_dir.join("cache");
+        let cache = artifacts::Cache::open(&cache_dir, config.cache.max_size.0)
+            .with_context(|| format!("cannot open the site cache in {cache_dir:?}"))?;
         let hub_subscribed = Arc::new(AtomicBool::new(false));
         let broker_store = matches!(config.broker, BrokerSetting::Embedded)
             .then(|| Arc::new(std::sync::RwLock::new(Some(store.clone()))));
@@ -81,7 +86,7 @@ impl Hub {
                 Some((broker, hub_token))
             }
         };
-        Ok(Self { config, store, broker, broker_store, hub_subscribed })
+        Ok(Self { config, store, cache, broker, broker_store, hub_subscribed })
     }
 
     /// Where the embedded broker listens, if the hub runs one.
@@ -124,7 +129,14 @@ impl Hub {
             policy: self.config.policy.clone(),
             registries: rollout::pin::Registries { insecure: self.config.insecure_registries.clone() },
         };
-        let app = api::router(self.store.clone(), publisher, logs, engine, admission);
+        let mirror = artifacts::Mirror::new(
+            self.cache.clone(),
+            self.config.cache.clone(),
+            self.config.insecure_registries.clone(),
+        );
+        // The site cache's routes are its own; every other path falls to the API's "no endpoint".
+        let app =
+            api::router(self.store.clone(), publisher, logs, engine, admission).merge(artifacts::api::router(mirror));
         let mut http_stopping = stopping.clone();
         let http = tokio::spawn(
             axum::serve(http_listener, app)

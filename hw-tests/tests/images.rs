@@ -552,3 +552,80 @@ async fn a_pull_onto_a_full_filesystem_reports_no_space_and_suggests_gc() {
     assert!(message.contains("edge-agent gc") && message.contains(tiny.to_str().unwrap()), "{message}");
     assert!(store.list().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_a_registry_mirror_runs_an_image_the_hub_fetched_from_the_registry() {
+    require_root();
+    let dir = TempDir::new().unwrap();
+    let (registry, _) = registry_with(dir.path(), "busybox:mirrored", vec![]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hub_addr = listener.local_addr().unwrap();
+    let config = hub::Config {
+        data_dir: dir.path().join("hub"),
+        http: hub_addr,
+        mqtt_listen: "127.0.0.1:0".parse().unwrap(),
+        insecure_registries: vec![registry.host()],
+        ..hub::Config::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let hub = tokio::spawn(hub::run(config, listener, async move {
+        drop(stopped.await);
+    }));
+    let mut agent = testkit::agent::Agent::new();
+    // The registry speaks plain HTTP and the agent does not list it as
+    // insecure: only through the hub can the agent get the image.
+    agent.use_config(&format!("registry-mirror = \"http://{hub_addr}\"\n"));
+    let image = format!("{}/busybox:mirrored", registry.host());
+    let spec = format!(
+        "name = \"mirrored\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", \"echo via the hub\"]\n[restart]\nmode = \"never\"\n"
+    );
+
+    let agent = tokio::task::spawn_blocking(move || {
+        agent.run_spec(&spec);
+        agent.wait_for("mirrored", Duration::from_secs(30), "exited", |w| testkit::agent::state(w) == "exited");
+        agent
+    })
+    .await
+    .unwrap();
+
+    assert!(agent.logs("mirrored").contains("via the hub"), "{}", agent.logs("mirrored"));
+    let images: serde_json::Value = serde_json::from_str(&agent.ok(&["images", "--json"])).unwrap();
+    assert_eq!(images[0]["reference"], image.as_str(), "recorded under its own name, not the mirror's");
+    let cached: serde_json::Value = get_json(&format!("http://{hub_addr}/v1/artifacts")).await;
+    let cached: Vec<&str> = cached.as_array().unwrap().iter().map(|b| b["digest"].as_str().unwrap()).collect();
+    assert!(cached.contains(&images[0]["digest"].as_str().unwrap()), "the hub cached the manifest: {cached:?}");
+    let _ = stop.send(());
+    hub.await.unwrap().unwrap();
+}
+
+/// GET and parse, over a plain socket (this crate has no HTTP client).
+async fn get_json(url: &str) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{response}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[tokio::test]
+async fn a_pull_goes_to_the_registry_at_once_when_the_mirror_is_unreachable() {
+    require_root();
+    let dir = TempDir::new().unwrap();
+    let (registry, _) = registry_with(dir.path(), "busybox:direct", vec![]);
+    // A port that was free a moment ago: nothing answers there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let opts = PullOptions { registry_mirror: Some(format!("http://{closed}")), ..options(&registry.host()) };
+    let reference = format!("{}/busybox:direct", registry.host());
+
+    let started = std::time::Instant::now();
+    let image = store(dir.path()).pull(&reference, &opts, &NoProgress).await.unwrap();
+
+    assert_eq!(image.reference, reference);
+    assert!(started.elapsed() < Duration::from_secs(10), "no retries against a mirror that refuses connections");
+}

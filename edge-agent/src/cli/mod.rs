@@ -127,6 +127,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         return config::run(command);
     }
     let config = cli.resolve_config()?;
+    if !config.registry_mirror.is_empty() {
+        crate::runtime::image::set_registry_mirror(&config.registry_mirror);
+    }
     let paths = Paths::new(&config.data_dir, &config.run_dir);
     if let Command::Shim(args) = cli.command {
         return shim::run(paths, args);

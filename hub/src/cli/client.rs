@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::api::{CommandSent, DeviceView};
+use crate::artifacts::BlobInfo;
 use crate::logs::LogsReply;
 use crate::rollout::Revision;
 use crate::store::PendingDevice;
@@ -168,5 +169,36 @@ impl ApiClient {
 
     pub async fn put_labels(&self, id: &str, labels: &BTreeMap<String, String>) -> Result<DeviceView, ClientError> {
         self.send(self.http.put(self.url(&[id, "labels"])).json(labels)).await
+    }
+
+    /// Uploads `len` bytes of `file` as the artifact `digest`; the hub checks the digest.
+    pub async fn push_artifact(
+        &self,
+        digest: &ota::Digest,
+        file: tokio::fs::File,
+        len: u64,
+    ) -> Result<(), ClientError> {
+        use tokio::io::AsyncReadExt;
+        let chunks = futures_util::stream::try_unfold(file, |mut file| async move {
+            let mut buf = vec![0u8; 64 << 10];
+            let n = file.read(&mut buf).await?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>((n > 0).then_some((buf, file)))
+        });
+        let request = self
+            .http
+            .put(self.v1(&["artifacts", &digest.to_string()]))
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(chunks));
+        self.checked(request).await.map(drop)
+    }
+
+    pub async fn artifacts(&self) -> Result<Vec<BlobInfo>, ClientError> {
+        self.send(self.http.get(self.v1(&["artifacts"]))).await
+    }
+
+    /// Uploads signed metadata as `name` (`targets.json`, `3.root.json`...).
+    pub async fn put_tuf(&self, name: &str, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.send_no_content(self.http.put(self.v1(&["tuf", name])).body(bytes)).await
     }
 }

@@ -3,6 +3,7 @@
 //! edge; the library's errors are typed.
 
 mod approval;
+mod artifact;
 mod client;
 mod config;
 mod deployments;
@@ -66,6 +67,12 @@ pub enum Command {
     Approve(approval::DeviceArgs),
     /// Forget a held device's request.
     Reject(approval::DeviceArgs),
+    /// Push or list update artifacts in the hub's site cache.
+    #[command(subcommand)]
+    Artifact(artifact::Command),
+    /// Push signed update metadata (TUF) for devices to fetch.
+    #[command(subcommand)]
+    Tuf(artifact::TufCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -91,6 +98,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Pending(args) => approval::pending(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Approve(args) => approval::approve(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Reject(args) => approval::reject(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Artifact(command) => artifact::run(&ApiClient::new(&cli.hub_url)?, command).await,
+            Command::Tuf(command) => artifact::run_tuf(&ApiClient::new(&cli.hub_url)?, command).await,
         }
     })
 }

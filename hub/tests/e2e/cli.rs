@@ -203,3 +203,31 @@ async fn a_deployment_file_with_a_mistake_is_refused_before_it_reaches_the_hub()
         stderr(&refused)
     );
 }
+
+#[tokio::test]
+async fn artifact_push_uploads_a_bundle_that_ls_lists_as_pushed_and_tuf_push_uploads_a_directory() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let hub = TestHub::start(config(&dir.path().join("hub"))).await;
+    let bundle = dir.path().join("bundle.raucb");
+    std::fs::write(&bundle, vec![7u8; 300_000]).unwrap();
+    let digest = ota::Digest::of(&std::fs::read(&bundle).unwrap());
+
+    let pushed = hub_cli(&hub.api, &["artifact", "push", bundle.to_str().unwrap()]).await;
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert!(stdout(&pushed).contains(&digest.to_string()), "{}", stdout(&pushed));
+    let listed = hub_cli(&hub.api, &["artifact", "ls"]).await;
+    let line = stdout(&listed).lines().find(|l| l.contains(&digest.to_string())).map(str::to_string);
+    assert!(line.as_deref().is_some_and(|l| l.contains("300000") && l.ends_with("pushed")), "{}", stdout(&listed));
+
+    let tuf = dir.path().join("tuf");
+    std::fs::create_dir(&tuf).unwrap();
+    let signed = r#"{"signed":{"_type":"targets","version":1},"signatures":[]}"#;
+    std::fs::write(tuf.join("targets.json"), signed).unwrap();
+    std::fs::write(tuf.join("README"), "not metadata").unwrap();
+    let pushed = hub_cli(&hub.api, &["tuf", "push", tuf.to_str().unwrap()]).await;
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert_eq!(stdout(&pushed), "pushed targets.json\n");
+    let served = reqwest::get(format!("{}/v1/tuf/targets.json", hub.api)).await.unwrap().text().await.unwrap();
+    assert_eq!(served, signed);
+    hub.stop().await;
+}

@@ -2,6 +2,7 @@
 //! One test binary, one module per concern.
 
 mod api;
+mod artifacts;
 mod cli;
 mod commands;
 mod epoch;

@@ -5,9 +5,16 @@
 //! arrives. A dropped connection resumes with an HTTP Range request from the
 //! bytes already on disk, also in a later process: the partial file is kept
 //! and fsync'd as it grows.
+//!
+//! With a registry mirror (the site's hub), an image is asked of it first as
+//! `MIRROR/v2/REGISTRY/REPOSITORY/...`: the image's registry host is the first
+//! part of the name, so one mirror serves every registry with a standard
+//! client. When the mirror fails, the image's registry is asked; blobs the
+//! mirror already delivered stay, and what is partial resumes from there.
 
 use std::io::{Read, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -41,6 +48,57 @@ pub struct PullOptions {
     pub backoff: Duration,
     /// Connect timeout, and longest silence while reading.
     pub timeout: Duration,
+    /// `http://HOST[:PORT]` or `https://...` of a mirror asked first.
+    pub registry_mirror: Option<String>,
+}
+
+/// The agent's `registry-mirror`, set once for the process so that every
+/// pull, the reconciler's included, goes to it first.
+static REGISTRY_MIRROR: OnceLock<String> = OnceLock::new();
+
+/// Makes `url` the default `registry_mirror` of `PullOptions` in this process.
+pub fn set_registry_mirror(url: &str) {
+    drop(REGISTRY_MIRROR.set(url.to_string()));
+}
+
+/// The `host:port` of a registry mirror's URL, and whether it speaks plain HTTP.
+pub fn mirror_host(url: &str) -> Result<(String, bool), String> {
+    let wrong = || format!("registry-mirror {url:?} must be http://HOST[:PORT] or https://HOST[:PORT], without a path");
+    let (insecure, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (true, rest),
+        (_, Some(rest)) => (false, rest),
+        _ => return Err(wrong()),
+    };
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains(['/', '@', ' ', '?', '#']) {
+        return Err(wrong());
+    }
+    Ok((host.to_string(), insecure))
+}
+
+/// `reference` as the mirror at `host` names it: the registry becomes the
+/// first part of the repository.
+fn via_mirror(reference: &Reference, host: &str) -> Reference {
+    let (host, repository) = (host.to_string(), format!("{}/{}", reference.registry(), reference.repository()));
+    match (reference.tag(), reference.digest()) {
+        (Some(tag), Some(digest)) => Reference::with_tag_and_digest(host, repository, tag.into(), digest.into()),
+        (None, Some(digest)) => Reference::with_digest(host, repository, digest.into()),
+        (tag, None) => Reference::with_tag(host, repository, tag.unwrap_or("latest").into()),
+    }
+}
+
+/// Whether the image's own registry may succeed where the mirror failed.
+fn worth_the_registry(error: &ImageError) -> bool {
+    matches!(
+        error,
+        ImageError::NotFound { .. }
+            | ImageError::Unauthorized { .. }
+            | ImageError::RegistryUnreachable { .. }
+            | ImageError::Registry { .. }
+            | ImageError::DownloadFailed { .. }
+            | ImageError::DigestMismatch { .. }
+            | ImageError::SizeMismatch { .. }
+    )
 }
 
 impl Default for PullOptions {
@@ -50,6 +108,7 @@ impl Default for PullOptions {
             retries: 5,
             backoff: Duration::from_millis(500),
             timeout: Duration::from_secs(30),
+            registry_mirror: REGISTRY_MIRROR.get().cloned(),
         }
     }
 }
@@ -86,22 +145,65 @@ impl ImageStore {
         let _lock = tokio::task::spawn_blocking(move || store.lock_shared())
             .await
             .expect("locking the store does not panic")?;
-        let client = Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(opts.insecure_registries.clone()),
-            connect_timeout: Some(opts.timeout),
-            read_timeout: Some(opts.timeout),
-            ..Default::default()
-        });
-        Puller { store: self, client, registry: parsed.registry().to_string(), reference: parsed, opts, progress }
-            .run()
-            .await
+        if let Some(mirror) = &opts.registry_mirror {
+            let (host, insecure) = mirror_host(mirror)
+                .map_err(|detail| ImageError::InvalidReference { reference: reference.to_string(), detail })?;
+            let mut mirror_opts = opts.clone();
+            if insecure {
+                mirror_opts.insecure_registries.push(host.clone());
+            }
+            let puller = Puller {
+                store: self,
+                client: client(&mirror_opts),
+                source: via_mirror(&parsed, &host),
+                at_mirror: true,
+                registry: host,
+                reference: parsed.clone(),
+                opts: &mirror_opts,
+                progress,
+            };
+            match puller.run().await {
+                Err(e) if worth_the_registry(&e) => {
+                    tracing::warn!("registry mirror {mirror}: {e}; pulling {reference} from its registry");
+                }
+                done => return done,
+            }
+        }
+        Puller {
+            store: self,
+            client: client(opts),
+            registry: parsed.registry().to_string(),
+            source: parsed.clone(),
+            at_mirror: false,
+            reference: parsed,
+            opts,
+            progress,
+        }
+        .run()
+        .await
     }
+}
+
+fn client(opts: &PullOptions) -> Client {
+    Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(opts.insecure_registries.clone()),
+        connect_timeout: Some(opts.timeout),
+        read_timeout: Some(opts.timeout),
+        ..Default::default()
+    })
 }
 
 struct Puller<'a> {
     store: &'a ImageStore,
     client: Client,
+    /// The image as it is recorded.
     reference: Reference,
+    /// Where it is asked for: the reference itself, or its name at a mirror.
+    source: Reference,
+    /// A mirror that cannot be reached is left at once for the registry; one
+    /// that answers slowly is retried as a registry would be, since it may be
+    /// fetching a large blob for the whole site.
+    at_mirror: bool,
     registry: String,
     opts: &'a PullOptions,
     progress: &'a dyn PullProgress,
@@ -122,12 +224,12 @@ impl From<ImageError> for Failure {
 impl Puller<'_> {
     async fn run(&self) -> Result<Image, ImageError> {
         let whole = self.reference.whole();
-        let (bytes, digest) = self.manifest(&self.reference).await?;
+        let (bytes, digest) = self.manifest(&self.source).await?;
         let (bytes, digest, manifest) = match oci::parse_manifest(&bytes, &whole)? {
             Manifest::Image(manifest) => (bytes, digest, manifest),
             Manifest::Index(index) => {
                 let entry = oci::descriptor_digest(oci::select_platform(&index, &whole)?)?;
-                let (bytes, digest) = self.manifest(&self.reference.clone_with_digest(entry.to_string())).await?;
+                let (bytes, digest) = self.manifest(&self.source.clone_with_digest(entry.to_string())).await?;
                 if digest != entry {
                     return Err(ImageError::DigestMismatch { blob: entry.to_string(), actual: digest.to_string() });
                 }
@@ -185,6 +287,9 @@ impl Puller<'_> {
             match request().await {
                 Ok(value) => return Ok(value),
                 Err(Failure { error, transient: false }) => return Err(error),
+                Err(Failure { error: error @ ImageError::RegistryUnreachable { .. }, .. }) if self.at_mirror => {
+                    return Err(error)
+                }
                 Err(Failure { error, .. }) if failures >= self.opts.retries => return Err(error),
                 Err(Failure { error, .. }) => {
                     failures += 1;
@@ -281,11 +386,11 @@ impl Puller<'_> {
         if offset < download.size {
             let layer = download.name.as_str();
             let stream = if offset == 0 {
-                self.client.pull_blob_stream(&self.reference, layer).await.map_err(|e| self.classify(e))?
+                self.client.pull_blob_stream(&self.source, layer).await.map_err(|e| self.classify(e))?
             } else {
                 match self
                     .client
-                    .pull_blob_stream_partial(&self.reference, layer, offset, None)
+                    .pull_blob_stream_partial(&self.source, layer, offset, None)
                     .await
                     .map_err(|e| self.classify(e))?
                 {
@@ -464,4 +569,20 @@ fn open_partial(path: &Path) -> Result<(nix::fcntl::Flock<std::fs::File>, Hasher
         hasher.update(&buf[..n]);
     }
     Ok((lock, hasher))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_a_mirror_the_image_keeps_its_registry_as_the_first_part_of_its_name() {
+        let at = |r: &str| via_mirror(&r.parse().unwrap(), "hub:8080").whole();
+        assert_eq!(at("127.0.0.1:5000/app:1"), "hub:8080/127.0.0.1:5000/app:1");
+        assert_eq!(at("busybox"), "hub:8080/docker.io/library/busybox:latest");
+        let digest = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(at(&format!("reg.example/a/b@{digest}")), format!("hub:8080/reg.example/a/b@{digest}"));
+        assert_eq!(mirror_host("http://hub:8080/").unwrap(), ("hub:8080".to_string(), true));
+        assert_eq!(mirror_host("https://hub").unwrap(), ("hub".to_string(), false));
+    }
 }
