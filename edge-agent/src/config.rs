@@ -10,6 +10,8 @@ use outpost_proto::sync::{Encoding, Topics};
 use outpost_proto::ByteSize;
 use serde::{Deserialize, Deserializer};
 
+use crate::runtime::image::PullOptions;
+
 /// Read when no file is given, if it exists.
 pub const DEFAULT_PATH: &str = "/etc/outpost/agent.toml";
 
@@ -113,6 +115,16 @@ impl Config {
             .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
         // toml's message names the line and column and shows it.
         toml::from_str(&text).with_context(|| format!("the configuration file {} is not valid", path.display()))
+    }
+
+    /// How this device pulls images: plain HTTP for `insecure-registries`,
+    /// and `registry-mirror` asked first.
+    pub fn pull_options(&self) -> PullOptions {
+        PullOptions {
+            insecure_registries: self.insecure_registries.clone(),
+            registry_mirror: Some(self.registry_mirror.clone()).filter(|m| !m.is_empty()),
+            ..PullOptions::default()
+        }
     }
 
     /// Checks the values `load` cannot leave to serde; call it again after changing any.

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use crate::control::{Request, Response};
 use crate::reconcile::Reconciler;
 use crate::rollback::{judge, Verdict, Watch};
+use crate::runtime::image::PullOptions;
 use crate::runtime::Supervisor;
 use crate::store::{Rollback, Store};
 use crate::sync::{self, SyncSettings};
@@ -32,7 +33,7 @@ const EVENTS_PER_REQUEST: usize = 1000;
 pub struct Core {
     store: Arc<Store>,
     supervisor: Supervisor,
-    insecure_registries: Vec<String>,
+    pulls: PullOptions,
     watches: Vec<Watch>,
     /// The revision of each deployment this process has started, so that a
     /// revision is watched once per start of the agent.
@@ -42,8 +43,8 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(store: Arc<Store>, supervisor: Supervisor, insecure_registries: Vec<String>) -> Self {
-        Self { store, supervisor, insecure_registries, watches: Vec::new(), started: BTreeMap::new(), updater: None }
+    pub fn new(store: Arc<Store>, supervisor: Supervisor, pulls: PullOptions) -> Self {
+        Self { store, supervisor, pulls, watches: Vec::new(), started: BTreeMap::new(), updater: None }
     }
 
     pub fn with_updater(self, updater: Arc<Updater>) -> Self {
@@ -62,7 +63,7 @@ impl Core {
             }
         };
         self.watch_new_revisions(&state);
-        Reconciler { supervisor: &self.supervisor, insecure_registries: &self.insecure_registries }.pass(&state);
+        Reconciler { supervisor: &self.supervisor, pulls: &self.pulls }.pass(&state);
         self.judge_watches(&state)
     }
 

@@ -137,7 +137,7 @@ pub struct Outcome {
 /// Carries out plans with the supervisor, one action at a time.
 pub struct Reconciler<'a> {
     pub supervisor: &'a Supervisor,
-    pub insecure_registries: &'a [String],
+    pub pulls: &'a PullOptions,
 }
 
 impl Reconciler<'_> {
@@ -177,12 +177,11 @@ impl Reconciler<'_> {
         if let Some(image) = store.find(reference).map_err(|e| e.to_string())? {
             return Ok(image);
         }
-        let options = PullOptions { insecure_registries: self.insecure_registries.to_vec(), ..PullOptions::default() };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start a runtime for the pull: {e}"))?;
-        runtime.block_on(store.pull(reference, &options, &NoProgress)).map_err(|e| e.to_string())
+        runtime.block_on(store.pull(reference, self.pulls, &NoProgress)).map_err(|e| e.to_string())
     }
 }
 

@@ -46,7 +46,7 @@ fn apply_without_daemon(config: &Config, supervisor: Supervisor, state: &Desired
         Ok(false) => println!("generation {} was already applied; converging", state.generation),
         Err(e) => bail!("refused: {e}"),
     }
-    let mut core = Core::new(store, supervisor, config.insecure_registries.clone());
+    let mut core = Core::new(store, supervisor, config.pull_options());
     while core.pass() {}
     Ok(())
 }

@@ -127,9 +127,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         return config::run(command);
     }
     let config = cli.resolve_config()?;
-    if !config.registry_mirror.is_empty() {
-        crate::runtime::image::set_registry_mirror(&config.registry_mirror);
-    }
     let paths = Paths::new(&config.data_dir, &config.run_dir);
     if let Command::Shim(args) = cli.command {
         return shim::run(paths, args);
@@ -142,18 +139,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         shim_binary: std::env::current_exe().context("cannot find the edge-agent binary to start shims from")?,
     };
     let supervisor = Supervisor::new(paths, settings);
-    let insecure = &config.insecure_registries;
+    let pulls = config.pull_options();
     match cli.command {
         Command::Daemon => daemon::run(&config, supervisor),
         Command::Apply(args) => apply::run(&config, supervisor, args),
         Command::Events(args) => events::run(&config, args),
-        Command::Run(args) => run::run(&supervisor, insecure, args),
+        Command::Run(args) => run::run(&supervisor, &pulls, args),
         Command::Ps(args) => ps::run(&supervisor, args),
         Command::Logs(args) => logs::run(&supervisor, args),
         Command::Start(args) => start::run(&supervisor, args),
         Command::Stop(args) => stop::run(&supervisor, args),
         Command::Rm(args) => rm::run(&supervisor, args),
-        Command::Pull(args) => block_on(pull::run(supervisor.paths(), insecure, args))?,
+        Command::Pull(args) => block_on(pull::run(supervisor.paths(), &pulls, args))?,
         Command::Import(args) => import::run(supervisor.paths(), args),
         Command::Images(args) => images::run(supervisor.paths(), args),
         Command::Gc(args) => gc::run(supervisor.paths(), args),

@@ -20,32 +20,26 @@ pub struct PullArgs {
     timeout: u64,
 }
 
-pub async fn run(paths: &Paths, insecure_registries: &[String], args: PullArgs) -> anyhow::Result<()> {
+pub async fn run(paths: &Paths, pulls: &PullOptions, args: PullArgs) -> anyhow::Result<()> {
     let store = ImageStore::open(&paths.images())?;
-    let opts = PullOptions {
-        insecure_registries: insecure_registries.to_vec(),
-        retries: args.retries,
-        timeout: Duration::from_secs(args.timeout),
-        ..PullOptions::default()
-    };
+    let opts = PullOptions { retries: args.retries, timeout: Duration::from_secs(args.timeout), ..pulls.clone() };
     let image = pull(paths, &store, &args.reference, &opts).await?;
     println!("pulled {} ({}, {} layers, {})", image.reference, image.digest, image.layers.len(), mib(image.size));
     Ok(())
 }
 
 /// The image for `reference`: the local one if present, else pulled.
-pub fn ensure_image(supervisor: &Supervisor, insecure_registries: &[String], reference: &str) -> anyhow::Result<Image> {
+pub fn ensure_image(supervisor: &Supervisor, pulls: &PullOptions, reference: &str) -> anyhow::Result<Image> {
     let paths = supervisor.paths();
     let store = ImageStore::open(&paths.images())?;
     if let Some(image) = store.find(reference)? {
         return Ok(image);
     }
-    let opts = PullOptions { insecure_registries: insecure_registries.to_vec(), ..PullOptions::default() };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime for the pull")?;
-    runtime.block_on(pull(paths, &store, reference, &opts))
+    runtime.block_on(pull(paths, &store, reference, pulls))
 }
 
 /// Pulls with progress bars; a full disk gets one gc and one more try.

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use outpost_proto::WorkloadSpec;
 
+use crate::runtime::image::PullOptions;
 use crate::runtime::supervisor::require_root;
 use crate::runtime::{RuntimeError, Supervisor};
 
@@ -13,12 +14,12 @@ pub struct RunArgs {
     file: PathBuf,
 }
 
-pub fn run(supervisor: &Supervisor, insecure_registries: &[String], args: RunArgs) -> anyhow::Result<()> {
+pub fn run(supervisor: &Supervisor, pulls: &PullOptions, args: RunArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
     let spec =
         WorkloadSpec::parse(&text).with_context(|| format!("{} is not a valid workload spec", args.file.display()))?;
     require_root()?;
-    let image = super::pull::ensure_image(supervisor, insecure_registries, &spec.image)?;
+    let image = super::pull::ensure_image(supervisor, pulls, &spec.image)?;
     if let Ok(existing) = supervisor.resolve(&spec.name) {
         return Err(RuntimeError::AlreadyExists(existing).into());
     }

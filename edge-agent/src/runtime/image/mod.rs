@@ -22,7 +22,7 @@ mod unpack;
 
 pub use error::ImageError;
 pub use gc::GcReport;
-pub use pull::{mirror_host, set_registry_mirror, NoProgress, PullOptions, PullProgress};
+pub use pull::{mirror_host, NoProgress, PullOptions, PullProgress};
 pub use store::ImageStore;
 
 use std::path::PathBuf;

@@ -14,7 +14,6 @@
 
 use std::io::{Read, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -50,15 +49,6 @@ pub struct PullOptions {
     pub timeout: Duration,
     /// `http://HOST[:PORT]` or `https://...` of a mirror asked first.
     pub registry_mirror: Option<String>,
-}
-
-/// The agent's `registry-mirror`, set once for the process so that every
-/// pull, the reconciler's included, goes to it first.
-static REGISTRY_MIRROR: OnceLock<String> = OnceLock::new();
-
-/// Makes `url` the default `registry_mirror` of `PullOptions` in this process.
-pub fn set_registry_mirror(url: &str) {
-    drop(REGISTRY_MIRROR.set(url.to_string()));
 }
 
 /// The `host:port` of a registry mirror's URL, and whether it speaks plain HTTP.
@@ -108,7 +98,7 @@ impl Default for PullOptions {
             retries: 5,
             backoff: Duration::from_millis(500),
             timeout: Duration::from_secs(30),
-            registry_mirror: REGISTRY_MIRROR.get().cloned(),
+            registry_mirror: None,
         }
     }
 }
