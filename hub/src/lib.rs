@@ -6,11 +6,13 @@
 //! 127.0.0.1:0 and start it in-process. `Hub::start` then `Hub::serve` do
 //! the same in two steps, for a caller that needs the broker's address.
 
+pub mod acl;
 pub mod api;
 mod broker;
 pub mod cli;
 pub mod config;
 mod logs;
+mod pki;
 mod registry;
 pub mod rollout;
 mod store;
@@ -40,6 +42,15 @@ pub struct Hub {
     /// The embedded broker's handle on the store, emptied when the hub stops.
     broker_store: Option<broker::StoreHandle>,
     hub_subscribed: Arc<AtomicBool>,
+    /// The CA and the server certificate, when a listener uses TLS.
+    tls: Option<Tls>,
+}
+
+/// What the TLS listeners need.
+struct Tls {
+    ca: pki::Ca,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
 }
 
 pub async fn run(config: Config, http_listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -56,6 +67,14 @@ impl Hub {
         let hub_subscribed = Arc::new(AtomicBool::new(false));
         let broker_store = matches!(config.broker, BrokerSetting::Embedded)
             .then(|| Arc::new(std::sync::RwLock::new(Some(store.clone()))));
+        let tls = match config.uses_tls() {
+            true => {
+                let ca = pki::Ca::open_or_create(&pki_dir(&config))?;
+                let (cert, key) = ca.write_server_cert(&config.tls_names)?;
+                Some(Tls { ca, cert, key })
+            }
+            false => None,
+        };
         let broker = match config.broker {
             BrokerSetting::External { .. } => None,
             BrokerSetting::Embedded => {
@@ -76,17 +95,37 @@ impl Hub {
                         hub_token: hub_token.clone(),
                         hub_subscribed: hub_subscribed.clone(),
                     },
+                    topics: topics.clone(),
+                    tls: config.mqtts_listen.zip(tls.as_ref()).map(|(listen, tls)| broker::TlsSettings {
+                        listen,
+                        ca: tls.ca.cert_path(),
+                        cert: tls.cert.clone(),
+                        key: tls.key.clone(),
+                    }),
                 })?;
                 info!("embedded MQTT broker listening on {}", broker.addr());
+                if let Some(addr) = broker.tls_addr() {
+                    info!("embedded MQTT broker listening over TLS, for devices with certificates, on {addr}");
+                }
                 Some((broker, hub_token))
             }
         };
-        Ok(Self { config, store, broker, broker_store, hub_subscribed })
+        Ok(Self { config, store, broker, broker_store, hub_subscribed, tls })
     }
 
     /// Where the embedded broker listens, if the hub runs one.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.broker.as_ref().map(|(broker, _)| broker.addr())
+    }
+
+    /// Where the embedded broker listens over TLS (`mqtts-listen`).
+    pub fn mqtts_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().and_then(|(broker, _)| broker.tls_addr())
+    }
+
+    /// The hub CA's certificate file, when a listener uses TLS.
+    pub fn ca_cert_path(&self) -> Option<std::path::PathBuf> {
+        self.tls.as_ref().map(|tls| tls.ca.cert_path())
     }
 
     /// Serves the HTTP API and syncs with devices until `shutdown` completes
@@ -157,6 +196,11 @@ impl Hub {
         served.context("the HTTP server failed")?;
         outcome
     }
+}
+
+/// Where the hub keeps its CA and server certificate.
+pub fn pki_dir(config: &Config) -> std::path::PathBuf {
+    config.data_dir.join("pki")
 }
 
 /// The hub's own password at its embedded broker, new at every start.

@@ -9,6 +9,7 @@ mod deployments;
 mod devices;
 mod label;
 mod logs;
+mod mosquitto_acl;
 mod restart;
 mod rollout;
 mod serve;
@@ -66,6 +67,8 @@ pub enum Command {
     Approve(approval::DeviceArgs),
     /// Forget a held device's request.
     Reject(approval::DeviceArgs),
+    /// Print the ACL file for an external mosquitto: each device may use only its own topics.
+    MosquittoAcl(mosquitto_acl::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -91,6 +94,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Pending(args) => approval::pending(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Approve(args) => approval::approve(&ApiClient::new(&cli.hub_url)?, args).await,
             Command::Reject(args) => approval::reject(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::MosquittoAcl(args) => mosquitto_acl::run(args),
         }
     })
 }

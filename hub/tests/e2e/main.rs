@@ -1,6 +1,7 @@
 //! End-to-end tests: a hub in-process on loopback, and simulated devices.
 //! One test binary, one module per concern.
 
+mod acl;
 mod api;
 mod cli;
 mod commands;
