@@ -11,6 +11,8 @@ pub mod api;
 mod broker;
 pub mod cli;
 pub mod config;
+mod enroll;
+mod https;
 mod logs;
 mod pki;
 mod registry;
@@ -48,9 +50,11 @@ pub struct Hub {
 
 /// What the TLS listeners need.
 struct Tls {
-    ca: pki::Ca,
+    ca: Arc<pki::Ca>,
     cert: std::path::PathBuf,
     key: std::path::PathBuf,
+    /// Bound at start, so that its port is known (`enroll-listen`).
+    enroll: Option<std::net::TcpListener>,
 }
 
 pub async fn run(config: Config, http_listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -71,7 +75,16 @@ impl Hub {
             true => {
                 let ca = pki::Ca::open_or_create(&pki_dir(&config))?;
                 let (cert, key) = ca.write_server_cert(&config.tls_names)?;
-                Some(Tls { ca, cert, key })
+                let enroll = match config.enroll_listen {
+                    Some(addr) => {
+                        let listener = std::net::TcpListener::bind(addr)
+                            .with_context(|| format!("cannot listen on {addr} (`enroll-listen`)"))?;
+                        listener.set_nonblocking(true)?;
+                        Some(listener)
+                    }
+                    None => None,
+                };
+                Some(Tls { ca: Arc::new(ca), cert, key, enroll })
             }
             false => None,
         };
@@ -123,6 +136,11 @@ impl Hub {
         self.broker.as_ref().and_then(|(broker, _)| broker.tls_addr())
     }
 
+    /// Where devices enroll (`enroll-listen`), if they can.
+    pub fn enroll_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref()?.enroll.as_ref()?.local_addr().ok()
+    }
+
     /// The hub CA's certificate file, when a listener uses TLS.
     pub fn ca_cert_path(&self) -> Option<std::path::PathBuf> {
         self.tls.as_ref().map(|tls| tls.ca.cert_path())
@@ -163,15 +181,37 @@ impl Hub {
             policy: self.config.policy.clone(),
             registries: rollout::pin::Registries { insecure: self.config.insecure_registries.clone() },
         };
-        let app = api::router(self.store.clone(), publisher, logs, engine, admission);
-        let mut http_stopping = stopping.clone();
-        let http = tokio::spawn(
-            axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stopping.wait_for(|stop| *stop).await;
-                })
-                .into_future(),
+        let app = api::router(self.store.clone(), publisher, logs, engine, admission).merge(
+            enroll::operator_router(self.store.clone(), self.config.enroll_token_ttl, self.config.enroll_listen.is_some()),
         );
+        let mut http_stopping = stopping.clone();
+        let mut tls = self.tls;
+        let http = match &tls {
+            Some(tls) if self.config.http_tls => {
+                let acceptor = https::acceptor(&tls.cert, &tls.key)?;
+                tokio::spawn(async move {
+                    https::serve(http_listener, acceptor, app, http_stopping).await;
+                    Ok(())
+                })
+            }
+            _ => tokio::spawn(
+                axum::serve(http_listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = http_stopping.wait_for(|stop| *stop).await;
+                    })
+                    .into_future(),
+            ),
+        };
+        let enroll = match tls.as_mut().and_then(|tls| Some((tls.enroll.take()?, tls))) {
+            Some((listener, tls)) => {
+                let listener = TcpListener::from_std(listener)?;
+                info!("enrollment listening over HTTPS on {}", listener.local_addr()?);
+                let acceptor = https::acceptor(&tls.cert, &tls.key)?;
+                let app = enroll::device_router(self.store.clone(), tls.ca.clone());
+                Some(tokio::spawn(https::serve(listener, acceptor, app, stopping.clone())))
+            }
+            None => None,
+        };
 
         let broker_stopped = async {
             match broker_stopped {
@@ -188,6 +228,9 @@ impl Hub {
         };
         let _ = stop.send(true);
         let served = http.await.context("the HTTP server task failed")?;
+        if let Some(enroll) = enroll {
+            enroll.await.context("the enrollment server task failed")?;
+        }
         sync_tasks.join().await;
         let _ = rollouts.await;
         if let Some(handle) = &self.broker_store {

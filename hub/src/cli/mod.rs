@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod deployments;
 mod devices;
+mod identity;
 mod label;
 mod logs;
 mod mosquitto_acl;
@@ -27,6 +28,9 @@ pub struct Cli {
     /// The hub's HTTP API, for the operator commands.
     #[arg(long, global = true, env = "OUTPOST_HUB_URL", default_value = "http://127.0.0.1:8080")]
     pub hub_url: String,
+    /// The hub CA's certificate (`hub ca` prints it), for an https:// hub URL.
+    #[arg(long, global = true, env = "OUTPOST_HUB_CA")]
+    pub hub_ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -69,6 +73,12 @@ pub enum Command {
     Reject(approval::DeviceArgs),
     /// Print the ACL file for an external mosquitto: each device may use only its own topics.
     MosquittoAcl(mosquitto_acl::Args),
+    /// Print the hub CA's certificate, which devices and operators trust the hub by.
+    Ca(identity::CaArgs),
+    /// Make a one-time token with which a device enrolls (gets its certificate).
+    EnrollToken(identity::EnrollTokenArgs),
+    /// Sign a device's certificate from its CSR, without the device online (factory provisioning).
+    IssueCert(identity::IssueCertArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -81,20 +91,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Config(command) => config::run(command),
-            Command::Devices(args) => devices::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Label(args) => label::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::SetDesired(args) => set_desired::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Watch(args) => watch::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Apply(args) => deployments::apply(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Deployments(args) => deployments::list(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Deployment(command) => deployments::run(&ApiClient::new(&cli.hub_url)?, command).await,
-            Command::Rollout(command) => rollout::run(&ApiClient::new(&cli.hub_url)?, command).await,
-            Command::Restart(args) => restart::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Logs(args) => logs::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Pending(args) => approval::pending(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Approve(args) => approval::approve(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Reject(args) => approval::reject(&ApiClient::new(&cli.hub_url)?, args).await,
+            Command::Devices(args) => devices::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::Label(args) => label::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::SetDesired(args) => set_desired::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::Watch(args) => watch::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::Apply(args) => deployments::apply(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::Deployments(args) => deployments::list(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::Deployment(command) => deployments::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, command).await,
+            Command::Rollout(command) => rollout::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, command).await,
+            Command::Restart(args) => restart::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::Logs(args) => logs::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::Pending(args) => approval::pending(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::Approve(args) => approval::approve(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::Reject(args) => approval::reject(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
             Command::MosquittoAcl(args) => mosquitto_acl::run(args),
+            Command::Ca(args) => identity::ca(args),
+            Command::EnrollToken(args) => {
+                identity::enroll_token(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await
+            }
+            Command::IssueCert(args) => identity::issue_cert(args),
         }
     })
 }
