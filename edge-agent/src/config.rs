@@ -10,6 +10,8 @@ use outpost_proto::sync::{Encoding, Topics};
 use outpost_proto::ByteSize;
 use serde::{Deserialize, Deserializer};
 
+use crate::identity::IdentityPaths;
+
 /// Read when no file is given, if it exists.
 pub const DEFAULT_PATH: &str = "/etc/outpost/agent.toml";
 
@@ -41,6 +43,11 @@ pub struct Config {
     /// The operator's TUF root (root.json), read once into the store; later
     /// roots arrive signed by it (rotation), so the store's copy is the one used.
     pub trust_root: PathBuf,
+    /// The device's key, certificate and the hub's CA certificate, for an
+    /// `mqtts://` hub; empty: under `<data-dir>/identity/`.
+    pub tls_key: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_ca: PathBuf,
 }
 
 impl Default for Config {
@@ -62,6 +69,9 @@ impl Default for Config {
             store_cache: ByteSize(4 << 20),
             reconcile_interval: Duration::from_secs(2),
             trust_root: "/etc/outpost/root.json".into(),
+            tls_key: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_ca: PathBuf::new(),
         }
     }
 }
@@ -92,6 +102,13 @@ impl Config {
             .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
         // toml's message names the line and column and shows it.
         toml::from_str(&text).with_context(|| format!("the configuration file {} is not valid", path.display()))
+    }
+
+    /// Where the device's identity files are (crate::identity).
+    pub fn identity_paths(&self) -> IdentityPaths {
+        let under = IdentityPaths::under(&self.data_dir);
+        let or = |path: &PathBuf, default: PathBuf| if path.as_os_str().is_empty() { default } else { path.clone() };
+        IdentityPaths { key: or(&self.tls_key, under.key), cert: or(&self.tls_cert, under.cert), ca: or(&self.tls_ca, under.ca) }
     }
 
     /// Checks the values `load` cannot leave to serde; call it again after changing any.

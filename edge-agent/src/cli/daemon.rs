@@ -47,8 +47,14 @@ pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
         };
         tracing::info!(device = %config.device_id, "agent running; workloads keep running when it stops");
         let core = Core::new(Arc::new(store), supervisor, config.insecure_registries.clone());
+        // mqtts:// hubs know the device by its certificate instead of its token.
+        let tls = match config.hub.starts_with("mqtts://") {
+            true => Some(crate::identity::client_config(&config.identity_paths())?),
+            false => None,
+        };
         let hub = (!config.hub.is_empty()).then(|| SyncSettings {
             hub: config.hub.clone(),
+            tls,
             device_id: config.device_id.clone(),
             token: config.hub_token.clone(),
             topics: Topics::new(&config.topic_prefix),
