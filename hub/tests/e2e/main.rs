@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod epoch;
 mod fleet;
+mod identity;
 mod mosquitto;
 mod pin;
 mod rollouts;
