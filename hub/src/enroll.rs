@@ -37,6 +37,8 @@ pub enum EnrollError {
          or provision the device with `hub issue-cert`"
     )]
     Off,
+    #[error("the system's random number generator failed: no token was made")]
+    Random,
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
@@ -75,7 +77,7 @@ pub fn new_token(store: &Store, device: &str, ttl: Duration, now: u64) -> Result
     if !valid_device_id(device) || device == HUB_CLIENT_ID {
         return Err(EnrollError::InvalidId(device.to_string()));
     }
-    let token = crate::random_token().map_err(|_| EnrollError::BadToken)?;
+    let token = crate::random_token().map_err(|_| EnrollError::Random)?;
     let expires = now.saturating_add(ttl.as_millis() as u64);
     store.put_enroll_token(&token_sha256(&token), &EnrollToken { device: device.to_string(), expires })?;
     Ok(NewToken { device: device.to_string(), token, expires })
@@ -157,7 +159,7 @@ impl IntoResponse for EnrollError {
                 StatusCode::BAD_REQUEST
             }
             EnrollError::Off => StatusCode::CONFLICT,
-            EnrollError::Pki(_) | EnrollError::Store(_) => {
+            EnrollError::Random | EnrollError::Pki(_) | EnrollError::Store(_) => {
                 tracing::error!("enrollment failed: {self}");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
