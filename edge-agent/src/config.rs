@@ -108,7 +108,11 @@ impl Config {
     pub fn identity_paths(&self) -> IdentityPaths {
         let under = IdentityPaths::under(&self.data_dir);
         let or = |path: &PathBuf, default: PathBuf| if path.as_os_str().is_empty() { default } else { path.clone() };
-        IdentityPaths { key: or(&self.tls_key, under.key), cert: or(&self.tls_cert, under.cert), ca: or(&self.tls_ca, under.ca) }
+        IdentityPaths {
+            key: or(&self.tls_key, under.key),
+            cert: or(&self.tls_cert, under.cert),
+            ca: or(&self.tls_ca, under.ca),
+        }
     }
 
     /// Checks the values `load` cannot leave to serde; call it again after changing any.

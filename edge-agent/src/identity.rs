@@ -107,8 +107,10 @@ pub async fn enroll(
     }
     for path in [&paths.key, &paths.cert, &paths.ca] {
         if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| {
-                IdentityError::Io { what: "create the directory", path: dir.to_owned(), source }
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| IdentityError::Io {
+                what: "create the directory",
+                path: dir.to_owned(),
+                source,
             })?;
         }
     }

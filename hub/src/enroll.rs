@@ -107,9 +107,11 @@ struct OperatorState {
 
 /// The operators' side, merged into their API.
 pub fn operator_router(store: Store, ttl: Duration, enabled: bool) -> Router {
-    Router::new()
-        .route("/v1/devices/{id}/enroll-token", post(create_token))
-        .with_state(OperatorState { store, ttl, enabled })
+    Router::new().route("/v1/devices/{id}/enroll-token", post(create_token)).with_state(OperatorState {
+        store,
+        ttl,
+        enabled,
+    })
 }
 
 async fn create_token(

@@ -181,9 +181,11 @@ impl Hub {
             policy: self.config.policy.clone(),
             registries: rollout::pin::Registries { insecure: self.config.insecure_registries.clone() },
         };
-        let app = api::router(self.store.clone(), publisher, logs, engine, admission).merge(
-            enroll::operator_router(self.store.clone(), self.config.enroll_token_ttl, self.config.enroll_listen.is_some()),
-        );
+        let app = api::router(self.store.clone(), publisher, logs, engine, admission).merge(enroll::operator_router(
+            self.store.clone(),
+            self.config.enroll_token_ttl,
+            self.config.enroll_listen.is_some(),
+        ));
         let mut http_stopping = stopping.clone();
         let mut tls = self.tls;
         let http = match &tls {

@@ -45,7 +45,9 @@ fn an_agent_enrolled_with_a_one_time_token_runs_its_desired_state_over_mqtts() {
     let deadline = Instant::now() + WAIT;
     loop {
         let device = hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or_default();
-        if device["online"] == true && device["generation"].as_u64().or(device["applied_generation"].as_u64()) == Some(1) {
+        if device["online"] == true
+            && device["generation"].as_u64().or(device["applied_generation"].as_u64()) == Some(1)
+        {
             break;
         }
         assert!(

@@ -343,7 +343,9 @@ fn another_device_cannot_publish_to_the_devices_topics_and_the_link_and_state_st
         assert!(closed, "the embedded broker closes the connection of a device that publishes on another's topics");
         let log = site.hub.log();
         assert!(
-            log.lines().any(|l| l.contains("refused") && l.contains(user) && l.contains(&topics.topic(DEVICE, outpost_proto::sync::Channel::Desired))),
+            log.lines().any(|l| l.contains("refused")
+                && l.contains(user)
+                && l.contains(&topics.topic(DEVICE, outpost_proto::sync::Channel::Desired))),
             "the hub's log names the refusal:\n{}",
             site.logs()
         );

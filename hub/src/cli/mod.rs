@@ -93,17 +93,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Config(command) => config::run(command),
             Command::Devices(args) => devices::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
             Command::Label(args) => label::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
-            Command::SetDesired(args) => set_desired::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::SetDesired(args) => {
+                set_desired::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await
+            }
             Command::Watch(args) => watch::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
-            Command::Apply(args) => deployments::apply(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
-            Command::Deployments(args) => deployments::list(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
-            Command::Deployment(command) => deployments::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, command).await,
-            Command::Rollout(command) => rollout::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, command).await,
+            Command::Apply(args) => {
+                deployments::apply(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await
+            }
+            Command::Deployments(args) => {
+                deployments::list(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await
+            }
+            Command::Deployment(command) => {
+                deployments::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, command).await
+            }
+            Command::Rollout(command) => {
+                rollout::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, command).await
+            }
             Command::Restart(args) => restart::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
             Command::Logs(args) => logs::run(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
-            Command::Pending(args) => approval::pending(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
-            Command::Approve(args) => approval::approve(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
-            Command::Reject(args) => approval::reject(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await,
+            Command::Pending(args) => {
+                approval::pending(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await
+            }
+            Command::Approve(args) => {
+                approval::approve(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await
+            }
+            Command::Reject(args) => {
+                approval::reject(&ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref())?, args).await
+            }
             Command::MosquittoAcl(args) => mosquitto_acl::run(args),
             Command::Ca(args) => identity::ca(args),
             Command::EnrollToken(args) => {

@@ -76,7 +76,9 @@ impl TlsHub {
 /// it, or the error that ended the attempt.
 async fn connect(addr: SocketAddr, client_id: &str, tls: Arc<ClientConfig>) -> Result<AsyncClient, String> {
     let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
-    options.set_keep_alive(Duration::from_secs(5)).set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    options
+        .set_keep_alive(Duration::from_secs(5))
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut event_loop) = AsyncClient::new(options, 16);
     // The hub holds devices off until it has subscribed: try for a while.
     let attempt = within(WAIT, async {
