@@ -17,4 +17,7 @@ cargo test --workspace --no-fail-fast || status=$?
 echo "==> testing the patched rumqttd (third_party/rumqttd/OUTPOST-PATCHES.md)"
 CARGO_TARGET_DIR=target/third-party cargo test --manifest-path third_party/rumqttd/Cargo.toml \
     --no-default-features --lib --locked --quiet || status=$?
+# The features the hub uses: the client-certificate patch compiles only with them.
+CARGO_TARGET_DIR=target/third-party cargo test --manifest-path third_party/rumqttd/Cargo.toml \
+    --no-default-features --features use-rustls,verify-client-cert --lib --locked --quiet outpost_patch || status=$?
 exit $status

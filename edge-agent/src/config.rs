@@ -10,6 +10,7 @@ use outpost_proto::sync::{Encoding, Topics};
 use outpost_proto::ByteSize;
 use serde::{Deserialize, Deserializer};
 
+use crate::identity::IdentityPaths;
 use crate::runtime::image::PullOptions;
 
 /// Read when no file is given, if it exists.
@@ -56,6 +57,11 @@ pub struct Config {
     pub update_health_deadline: Duration,
     /// Update downloads read no faster than this per second; 0 means no cap.
     pub update_bandwidth: ByteSize,
+    /// The device's key, certificate and the hub's CA certificate, for an
+    /// `mqtts://` hub; empty: under `<data-dir>/identity/`.
+    pub tls_key: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_ca: PathBuf,
 }
 
 impl Default for Config {
@@ -82,6 +88,9 @@ impl Default for Config {
             hardware: String::new(),
             update_health_deadline: Duration::from_secs(60),
             update_bandwidth: ByteSize(0),
+            tls_key: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_ca: PathBuf::new(),
         }
     }
 }
@@ -124,6 +133,17 @@ impl Config {
             insecure_registries: self.insecure_registries.clone(),
             registry_mirror: Some(self.registry_mirror.clone()).filter(|m| !m.is_empty()),
             ..PullOptions::default()
+        }
+    }
+
+    /// Where the device's identity files are (crate::identity).
+    pub fn identity_paths(&self) -> IdentityPaths {
+        let under = IdentityPaths::under(&self.data_dir);
+        let or = |path: &PathBuf, default: PathBuf| if path.as_os_str().is_empty() { default } else { path.clone() };
+        IdentityPaths {
+            key: or(&self.tls_key, under.key),
+            cert: or(&self.tls_cert, under.cert),
+            ca: or(&self.tls_ca, under.ca),
         }
     }
 

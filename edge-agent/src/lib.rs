@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod identity;
 pub mod reconcile;
 pub mod rollback;
 pub mod runtime;

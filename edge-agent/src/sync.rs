@@ -45,8 +45,11 @@ const RESEND_MAX: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
-    /// `mqtt://host:port`.
+    /// `mqtt://host:port`, or `mqtts://host:port` with `tls`.
     pub hub: String,
+    /// For `mqtts://`: the hub's CA and the device's certificate, which
+    /// replaces the token (crate::identity).
+    pub tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
     pub device_id: String,
     pub token: String,
     pub topics: Topics,
@@ -59,17 +62,19 @@ pub struct SyncSettings {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("hub address {0:?} is not valid: write mqtt://host:port")]
+#[error("hub address {0:?} is not valid: write mqtt://host:port, or mqtts://host:port with the device's certificate")]
 pub struct BadHubAddress(String);
 
-fn host_port(url: &str) -> Result<(String, u16), BadHubAddress> {
-    let rest = url.strip_prefix("mqtt://").ok_or_else(|| BadHubAddress(url.to_string()))?;
+/// Host and port of an `mqtt://` URL, or of an `mqtts://` one when `tls`.
+fn host_port(url: &str, tls: bool) -> Result<(String, u16), BadHubAddress> {
+    let (scheme, default_port) = if tls { ("mqtts://", 8883) } else { ("mqtt://", 1883) };
+    let rest = url.strip_prefix(scheme).ok_or_else(|| BadHubAddress(url.to_string()))?;
     let rest = rest.trim_end_matches('/');
     match rest.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() => {
             Ok((host.trim_matches(['[', ']']).to_string(), port.parse().map_err(|_| BadHubAddress(url.to_string()))?))
         }
-        None if !rest.is_empty() => Ok((rest.to_string(), 1883)),
+        None if !rest.is_empty() => Ok((rest.to_string(), default_port)),
         _ => Err(BadHubAddress(url.to_string())),
     }
 }
@@ -81,13 +86,20 @@ pub async fn run(
     supervisor: Supervisor,
     kick: Arc<Notify>,
 ) -> Result<(), BadHubAddress> {
-    let (host, port) = host_port(&settings.hub)?;
+    let (host, port) = host_port(&settings.hub, settings.tls.is_some())?;
     let topic = |channel| settings.topics.topic(&settings.device_id, channel);
     let mut options = MqttOptions::new(&settings.device_id, host, port);
+    match &settings.tls {
+        Some(tls) => {
+            options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+        }
+        None => {
+            options.set_credentials(&settings.device_id, &settings.token);
+        }
+    }
     options
         .set_keep_alive(settings.keep_alive)
         .set_clean_session(false)
-        .set_credentials(&settings.device_id, &settings.token)
         .set_max_packet_size(1 << 20, 1 << 20)
         .set_last_will(LastWill::new(
             topic(Channel::Presence),
@@ -585,10 +597,12 @@ mod tests {
 
     #[test]
     fn hub_addresses_parse_with_or_without_a_port() {
-        assert_eq!(host_port("mqtt://hub.local:1884").unwrap(), ("hub.local".into(), 1884));
-        assert_eq!(host_port("mqtt://hub.local").unwrap(), ("hub.local".into(), 1883));
-        assert_eq!(host_port("mqtt://[::1]:1883").unwrap(), ("::1".into(), 1883));
-        assert!(host_port("http://hub.local").is_err());
-        assert!(host_port("mqtt://hub:port").is_err());
+        assert_eq!(host_port("mqtt://hub.local:1884", false).unwrap(), ("hub.local".into(), 1884));
+        assert_eq!(host_port("mqtt://hub.local", false).unwrap(), ("hub.local".into(), 1883));
+        assert_eq!(host_port("mqtt://[::1]:1883", false).unwrap(), ("::1".into(), 1883));
+        assert!(host_port("http://hub.local", false).is_err());
+        assert!(host_port("mqtt://hub:port", false).is_err());
+        assert_eq!(host_port("mqtts://hub.local", true).unwrap(), ("hub.local".into(), 8883));
+        assert!(host_port("mqtts://hub.local", false).is_err(), "mqtts without a certificate");
     }
 }

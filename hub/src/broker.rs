@@ -10,13 +10,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use rumqttd::{ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
+use outpost_proto::sync::Topics;
+use rumqttd::{Authorizer, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings, TlsConfig};
 use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
 
+use crate::acl::{self, Access};
 use crate::config::UnknownDevices;
 use crate::store::Store;
 
@@ -69,21 +72,40 @@ pub struct Settings {
     /// Filters covering each device's topics (hub -> device).
     pub device_filters: Vec<String>,
     pub auth: Auth,
+    /// Which topics each device may use (`acl::allows`).
+    pub topics: Topics,
+    pub tls: Option<TlsSettings>,
+}
+
+/// A second listener, over TLS: each device presents a certificate signed by
+/// the hub's CA, whose common name is its device id (docs/identity.md).
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 pub struct EmbeddedBroker {
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     /// Says why, when the broker stops (it cannot listen, or it failed).
     pub stopped: oneshot::Receiver<String>,
 }
 
 impl EmbeddedBroker {
     /// Starts the broker on its own threads. Port 0 picks a free port; see `free_port`.
-    pub fn start(settings: Settings) -> Result<Self, BrokerError> {
+    pub fn start(mut settings: Settings) -> Result<Self, BrokerError> {
         let mut addr = settings.listen;
         if addr.port() == 0 {
             addr.set_port(free_port(addr.ip())?);
         }
+        if let Some(tls) = &mut settings.tls {
+            if tls.listen.port() == 0 {
+                tls.listen.set_port(free_port(tls.listen.ip())?);
+            }
+        }
+        let tls_addr = settings.tls.as_ref().map(|tls| tls.listen);
         let config = config(addr, settings);
         let (tx, stopped) = oneshot::channel();
         std::thread::Builder::new()
@@ -98,12 +120,17 @@ impl EmbeddedBroker {
                 let _ = tx.send(why);
             })
             .map_err(BrokerError::Thread)?;
-        Ok(Self { addr, stopped })
+        Ok(Self { addr, tls_addr, stopped })
     }
 
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where it listens over TLS, if it does.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Where the hub's own client reaches it.
@@ -142,6 +169,7 @@ fn config(addr: SocketAddr, settings: Settings) -> rumqttd::Config {
         custom_segment: Some(custom_segment),
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
+        authorizer: Some(authorizer(settings.topics)),
     };
     let mut connections = ConnectionSettings {
         connection_timeout_ms: 10_000,
@@ -150,21 +178,53 @@ fn config(addr: SocketAddr, settings: Settings) -> rumqttd::Config {
         auth: None,
         external_auth: None,
         dynamic_filters: false,
+        cert_auth: None,
     };
     let auth = Arc::new(settings.auth);
+    let token_auth = auth.clone();
     connections.set_auth_handler(move |client_id, user, password| {
-        std::future::ready(auth.allows(&client_id, &user, &password))
+        std::future::ready(token_auth.allows(&client_id, &user, &password))
     });
-    let server = ServerSettings {
-        name: "outpost-mqtt".into(),
-        listen: addr,
-        tls: None,
+    // Only the TLS listener verifies client certificates (an Outpost patch
+    // gives rumqttd the common name); the plain one goes on taking tokens.
+    connections.cert_auth = Some(Arc::new(move |client_id, common_name| auth.allows_cert(client_id, common_name)));
+    let server = |name: &str, listen, tls| ServerSettings {
+        name: name.into(),
+        listen,
+        tls,
         // Accepting paced at 1 ms made 10,000 devices take 25 s to connect;
         // agents spread their reconnects themselves (backoff with jitter).
         next_connection_delay_ms: 0,
-        connections,
+        connections: connections.clone(),
     };
-    rumqttd::Config { id: 0, router, v4: Some(HashMap::from([("1".to_string(), server)])), ..Default::default() }
+    let mut servers = HashMap::from([("1".to_string(), server("outpost-mqtt", addr, None))]);
+    if let Some(tls) = settings.tls {
+        let config = TlsConfig::Rustls {
+            capath: Some(tls.ca.display().to_string()),
+            certpath: tls.cert.display().to_string(),
+            keypath: tls.key.display().to_string(),
+        };
+        servers.insert("2".to_string(), server("outpost-mqtts", tls.listen, Some(config)));
+    }
+    rumqttd::Config { id: 0, router, v4: Some(servers), ..Default::default() }
+}
+
+/// Asked by rumqttd (an Outpost patch) for each PUBLISH and SUBSCRIBE: a
+/// refused SUBSCRIBE filter fails in its SUBACK, a refused PUBLISH closes the
+/// device's connection unacknowledged (the agent reconnects: its own topics
+/// work again). Each refusal is logged with the device and the topic.
+fn authorizer(topics: Topics) -> Authorizer {
+    Authorizer(Arc::new(move |client_id, access, topic| {
+        let access = match access {
+            rumqttd::Access::Publish => Access::Publish,
+            rumqttd::Access::Subscribe => Access::Subscribe,
+        };
+        let allowed = acl::allows(&topics, client_id, access, topic);
+        if !allowed {
+            warn!(device = client_id, topic, ?access, "refused a device access to a topic that is not its own");
+        }
+        allowed
+    }))
 }
 
 impl Auth {
@@ -202,6 +262,24 @@ impl Auth {
         }
         if !self.hub_subscribed.load(Ordering::Acquire) {
             debug!(device = user, "held off a device until the hub has subscribed");
+            return false;
+        }
+        true
+    }
+
+    /// A device over TLS: the broker verified its certificate against the
+    /// hub's CA, whose common name is the device id. Refusals are logged.
+    fn allows_cert(&self, client_id: &str, common_name: &str) -> bool {
+        if client_id != common_name {
+            warn!(client_id, common_name, "refused a device: its MQTT client id must be its certificate's common name");
+            return false;
+        }
+        if common_name == self.hub_user || !crate::registry::valid_device_id(common_name) {
+            warn!(common_name, "refused a certificate whose common name is not a valid device id");
+            return false;
+        }
+        if !self.hub_subscribed.load(Ordering::Acquire) {
+            debug!(device = common_name, "held off a device until the hub has subscribed");
             return false;
         }
         true
@@ -339,6 +417,16 @@ mod tests {
         auth.hub_subscribed.store(false, Ordering::Release);
         assert!(!auth.allows("pump-3", "pump-3", "t0ken"));
         assert!(auth.allows("outpost-hub", "outpost-hub", "hub-secret"));
+    }
+
+    #[test]
+    fn a_certificate_identifies_the_device_named_by_its_common_name_and_no_other() {
+        let (_dir, auth) = auth(UnknownDevices::Refuse);
+        assert!(auth.allows_cert("cam-9", "cam-9"), "any device the CA vouches for");
+        assert!(!auth.allows_cert("pump-3", "cam-9"), "a device posing as another client");
+        assert!(!auth.allows_cert("outpost-hub", "outpost-hub"));
+        auth.hub_subscribed.store(false, Ordering::Release);
+        assert!(!auth.allows_cert("cam-9", "cam-9"), "held off until the hub has subscribed");
     }
 
     #[test]

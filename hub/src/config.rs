@@ -37,6 +37,18 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Device id -> token.
     pub devices: BTreeMap<String, String>,
+    /// Where the embedded broker listens for devices over TLS, each
+    /// identified by its client certificate (docs/identity.md); none: nowhere.
+    pub mqtts_listen: Option<SocketAddr>,
+    /// Where devices enroll over HTTPS (`POST /v1/enroll` only); none: nowhere.
+    pub enroll_listen: Option<SocketAddr>,
+    /// Whether the operators' HTTP API (`http`) speaks HTTPS.
+    pub http_tls: bool,
+    /// The DNS names and IP addresses in the hub's server certificate.
+    pub tls_names: Vec<String>,
+    /// How long an enrollment token stays usable.
+    #[serde(with = "humantime_serde")]
+    pub enroll_token_ttl: std::time::Duration,
 }
 
 /// The `[cache]` table: the site cache under `data-dir/cache`.
@@ -104,6 +116,11 @@ impl Default for Config {
             policy: Policy::default(),
             cache: CacheConfig::default(),
             devices: BTreeMap::new(),
+            mqtts_listen: None,
+            enroll_listen: None,
+            http_tls: false,
+            tls_names: vec!["localhost".to_string(), "127.0.0.1".to_string()],
+            enroll_token_ttl: std::time::Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -134,6 +151,16 @@ impl Config {
                 self.unknown_devices
             ));
         }
+        if self.mqtts_listen.is_some() && self.broker != BrokerSetting::Embedded {
+            return invalid(
+                "mqtts-listen needs the embedded broker: configure TLS and client certificates in the \
+                 external broker itself (docs/identity.md)"
+                    .to_string(),
+            );
+        }
+        if self.uses_tls() && self.tls_names.is_empty() {
+            return invalid("tls-names is empty: list the names devices and operators reach the hub by".to_string());
+        }
         for registry in &self.insecure_registries {
             if registry.is_empty() || registry.contains(['/', ' ']) {
                 return invalid(format!("insecure-registries: {registry:?} must be a registry's host:port"));
@@ -162,6 +189,13 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// Whether any listener needs the hub's CA and server certificate.
+    pub fn uses_tls(&self) -> bool {
+        self.mqtts_listen.is_some() || self.enroll_listen.is_some() || self.http_tls
     }
 }
 
@@ -268,6 +302,17 @@ mod tests {
         assert!(err.contains("host:port"), "{err}");
         let err = Config::parse("[cache]\nmax-size = \"lots\"\n").unwrap_err().to_string();
         assert!(err.contains("not a size"), "{err}");
+    }
+
+    #[test]
+    fn tls_listeners_are_opt_in_and_mqtts_needs_the_embedded_broker() {
+        assert!(!Config::default().uses_tls());
+        let config = Config::parse("mqtts-listen = \"0.0.0.0:8883\"\nenroll-listen = \"0.0.0.0:8443\"\n").unwrap();
+        assert!(config.uses_tls());
+        let err = Config::parse("mqtts-listen = \"0.0.0.0:8883\"\nbroker = \"mqtt://10.0.0.2\"\n").unwrap_err();
+        assert!(err.to_string().contains("external broker itself"), "{err}");
+        let err = Config::parse("http-tls = true\ntls-names = []\n").unwrap_err().to_string();
+        assert!(err.contains("tls-names"), "{err}");
     }
 
     #[test]

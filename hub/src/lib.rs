@@ -6,12 +6,16 @@
 //! 127.0.0.1:0 and start it in-process. `Hub::start` then `Hub::serve` do
 //! the same in two steps, for a caller that needs the broker's address.
 
+pub mod acl;
 pub mod api;
 pub mod artifacts;
 mod broker;
 pub mod cli;
 pub mod config;
+mod enroll;
+mod https;
 mod logs;
+mod pki;
 mod registry;
 pub mod rollout;
 mod store;
@@ -42,6 +46,17 @@ pub struct Hub {
     /// The embedded broker's handle on the store, emptied when the hub stops.
     broker_store: Option<broker::StoreHandle>,
     hub_subscribed: Arc<AtomicBool>,
+    /// The CA and the server certificate, when a listener uses TLS.
+    tls: Option<Tls>,
+}
+
+/// What the TLS listeners need.
+struct Tls {
+    ca: Arc<pki::Ca>,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    /// Bound at start, so that its port is known (`enroll-listen`).
+    enroll: Option<std::net::TcpListener>,
 }
 
 pub async fn run(config: Config, http_listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -61,6 +76,23 @@ impl Hub {
         let hub_subscribed = Arc::new(AtomicBool::new(false));
         let broker_store = matches!(config.broker, BrokerSetting::Embedded)
             .then(|| Arc::new(std::sync::RwLock::new(Some(store.clone()))));
+        let tls = match config.uses_tls() {
+            true => {
+                let ca = pki::Ca::open_or_create(&pki_dir(&config))?;
+                let (cert, key) = ca.write_server_cert(&config.tls_names)?;
+                let enroll = match config.enroll_listen {
+                    Some(addr) => {
+                        let listener = std::net::TcpListener::bind(addr)
+                            .with_context(|| format!("cannot listen on {addr} (`enroll-listen`)"))?;
+                        listener.set_nonblocking(true)?;
+                        Some(listener)
+                    }
+                    None => None,
+                };
+                Some(Tls { ca: Arc::new(ca), cert, key, enroll })
+            }
+            false => None,
+        };
         let broker = match config.broker {
             BrokerSetting::External { .. } => None,
             BrokerSetting::Embedded => {
@@ -81,17 +113,42 @@ impl Hub {
                         hub_token: hub_token.clone(),
                         hub_subscribed: hub_subscribed.clone(),
                     },
+                    topics: topics.clone(),
+                    tls: config.mqtts_listen.zip(tls.as_ref()).map(|(listen, tls)| broker::TlsSettings {
+                        listen,
+                        ca: tls.ca.cert_path(),
+                        cert: tls.cert.clone(),
+                        key: tls.key.clone(),
+                    }),
                 })?;
                 info!("embedded MQTT broker listening on {}", broker.addr());
+                if let Some(addr) = broker.tls_addr() {
+                    info!("embedded MQTT broker listening over TLS, for devices with certificates, on {addr}");
+                }
                 Some((broker, hub_token))
             }
         };
-        Ok(Self { config, store, cache, broker, broker_store, hub_subscribed })
+        Ok(Self { config, store, cache, broker, broker_store, hub_subscribed, tls })
     }
 
     /// Where the embedded broker listens, if the hub runs one.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.broker.as_ref().map(|(broker, _)| broker.addr())
+    }
+
+    /// Where the embedded broker listens over TLS (`mqtts-listen`).
+    pub fn mqtts_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().and_then(|(broker, _)| broker.tls_addr())
+    }
+
+    /// Where devices enroll (`enroll-listen`), if they can.
+    pub fn enroll_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref()?.enroll.as_ref()?.local_addr().ok()
+    }
+
+    /// The hub CA's certificate file, when a listener uses TLS.
+    pub fn ca_cert_path(&self) -> Option<std::path::PathBuf> {
+        self.tls.as_ref().map(|tls| tls.ca.cert_path())
     }
 
     /// Serves the HTTP API and syncs with devices until `shutdown` completes
@@ -134,17 +191,43 @@ impl Hub {
             self.config.cache.clone(),
             self.config.insecure_registries.clone(),
         );
-        // The site cache's routes are its own; every other path falls to the API's "no endpoint".
-        let app =
-            api::router(self.store.clone(), publisher, logs, engine, admission).merge(artifacts::api::router(mirror));
+        // The site cache's and enrollment's routes are their own; every other
+        // path falls to the API's "no endpoint".
+        let app = api::router(self.store.clone(), publisher, logs, engine, admission)
+            .merge(artifacts::api::router(mirror))
+            .merge(enroll::operator_router(
+                self.store.clone(),
+                self.config.enroll_token_ttl,
+                self.config.enroll_listen.is_some(),
+            ));
         let mut http_stopping = stopping.clone();
-        let http = tokio::spawn(
-            axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stopping.wait_for(|stop| *stop).await;
+        let mut tls = self.tls;
+        let http = match &tls {
+            Some(tls) if self.config.http_tls => {
+                let acceptor = https::acceptor(&tls.cert, &tls.key)?;
+                tokio::spawn(async move {
+                    https::serve(http_listener, acceptor, app, http_stopping).await;
+                    Ok(())
                 })
-                .into_future(),
-        );
+            }
+            _ => tokio::spawn(
+                axum::serve(http_listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = http_stopping.wait_for(|stop| *stop).await;
+                    })
+                    .into_future(),
+            ),
+        };
+        let enroll = match tls.as_mut().and_then(|tls| Some((tls.enroll.take()?, tls))) {
+            Some((listener, tls)) => {
+                let listener = TcpListener::from_std(listener)?;
+                info!("enrollment listening over HTTPS on {}", listener.local_addr()?);
+                let acceptor = https::acceptor(&tls.cert, &tls.key)?;
+                let app = enroll::device_router(self.store.clone(), tls.ca.clone());
+                Some(tokio::spawn(https::serve(listener, acceptor, app, stopping.clone())))
+            }
+            None => None,
+        };
 
         let broker_stopped = async {
             match broker_stopped {
@@ -161,6 +244,9 @@ impl Hub {
         };
         let _ = stop.send(true);
         let served = http.await.context("the HTTP server task failed")?;
+        if let Some(enroll) = enroll {
+            enroll.await.context("the enrollment server task failed")?;
+        }
         sync_tasks.join().await;
         let _ = rollouts.await;
         if let Some(handle) = &self.broker_store {
@@ -169,6 +255,11 @@ impl Hub {
         served.context("the HTTP server failed")?;
         outcome
     }
+}
+
+/// Where the hub keeps its CA and server certificate.
+pub fn pki_dir(config: &Config) -> std::path::PathBuf {
+    config.data_dir.join("pki")
 }
 
 /// The hub's own password at its embedded broker, new at every start.

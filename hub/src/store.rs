@@ -92,6 +92,14 @@ pub struct PendingDevice {
     pub attempts: u64,
 }
 
+/// What a one-time enrollment token lets its bearer do: get a certificate
+/// for `device`, until `expires` (Unix milliseconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollToken {
+    pub device: String,
+    pub expires: u64,
+}
+
 /// Flushes run one at a time, numbered from 1.
 #[derive(Default)]
 struct Flushes {
@@ -113,6 +121,8 @@ pub struct Store {
     pending: sled::Tree,
     /// Fleet deployments by name: their revisions and rollout.
     deployments: sled::Tree,
+    /// One-time enrollment tokens: sha256 (hex) of the token -> `EnrollToken`.
+    enroll_tokens: sled::Tree,
 }
 
 impl Store {
@@ -125,6 +135,7 @@ impl Store {
             approved: db.open_tree("approved")?,
             pending: db.open_tree("pending")?,
             deployments: db.open_tree("deployments")?,
+            enroll_tokens: db.open_tree("enroll_tokens")?,
             db,
             flushes: Arc::default(),
         })
@@ -292,6 +303,17 @@ impl Store {
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
+    }
+
+    pub fn put_enroll_token(&self, token_sha256: &str, token: &EnrollToken) -> Result<(), StoreError> {
+        self.enroll_tokens.insert(token_sha256, encode(token))?;
+        Ok(())
+    }
+
+    /// Removes a token and gives what it allowed: whoever takes it first
+    /// is the only one to use it.
+    pub fn take_enroll_token(&self, token_sha256: &str) -> Result<Option<EnrollToken>, StoreError> {
+        self.enroll_tokens.remove(token_sha256)?.map(|bytes| decode(&bytes, "an enrollment token")).transpose()
     }
 
     pub fn deployment(&self, name: &str) -> Result<Option<DeploymentRecord>, StoreError> {

@@ -72,6 +72,10 @@ impl Topics {
         Self { prefix: prefix.trim_end_matches('/').to_string() }
     }
 
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn topic(&self, device: &str, channel: Channel) -> String {
         format!("{}/{device}/{}", self.prefix, channel.name())
     }

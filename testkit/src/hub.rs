@@ -43,6 +43,23 @@ impl Hub {
         Self::start_with(mqtt, &broker)
     }
 
+    /// A hub that also takes devices with certificates over TLS on `mqtts`
+    /// and their enrollments over HTTPS on `enroll` (docs/identity.md).
+    pub fn with_tls(mqtts: SocketAddr, enroll: SocketAddr) -> Self {
+        let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::start_with(
+            mqtt,
+            &format!(
+                "broker = \"embedded\"\nmqtt-listen = \"{mqtt}\"\nmqtts-listen = \"{mqtts}\"\nenroll-listen = \"{enroll}\"\n"
+            ),
+        )
+    }
+
+    /// The hub CA's certificate, once a TLS listener made it.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.data.path().join("store").join("pki").join("ca.pem")
+    }
+
     /// A hub that logs in to the broker at `broker` as `username`; that
     /// broker authenticates the devices itself.
     pub fn external(broker: SocketAddr, username: &str, password: &str) -> Self {

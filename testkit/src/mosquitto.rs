@@ -1,7 +1,8 @@
 //! Debian's mosquitto as the hub's external broker in tests: on a free
-//! loopback port, knowing only the users it is given, and with `persistence
-//! false`, so a killed mosquitto started again has forgotten every session and
-//! retained message.
+//! loopback port, knowing only the users it is given, each device allowed
+//! only its own topics by the ACL file operators use (docs/mosquitto-acl.conf,
+//! for the hub user `outpost-hub`), and with `persistence false`, so a killed
+//! mosquitto started again has forgotten every session and retained message.
 
 use std::fs::Permissions;
 use std::net::{SocketAddr, TcpStream};
@@ -15,6 +16,8 @@ use tempfile::TempDir;
 
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const INSTALL: &str = "apt-get install mosquitto";
+/// What `hub mosquitto-acl` prints for the default topic prefix and the hub user `outpost-hub`.
+pub const ACL: &str = include_str!("../../docs/mosquitto-acl.conf");
 
 pub struct Mosquitto {
     dir: TempDir,
@@ -43,16 +46,20 @@ impl Mosquitto {
         // reads the password file.
         std::fs::set_permissions(dir.path(), Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(&passwords, Permissions::from_mode(0o644)).unwrap();
+        let acl = dir.path().join("acl");
+        std::fs::write(&acl, ACL).unwrap();
+        std::fs::set_permissions(&acl, Permissions::from_mode(0o644)).unwrap();
 
         let addr = SocketAddr::from(([127, 0, 0, 1], crate::hub::free_port()));
         let config = dir.path().join("mosquitto.conf");
         std::fs::write(
             &config,
             format!(
-                "listener {} {}\nallow_anonymous false\npassword_file {}\npersistence false\n",
+                "listener {} {}\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\n",
                 addr.port(),
                 addr.ip(),
-                passwords.display()
+                passwords.display(),
+                acl.display()
             ),
         )
         .unwrap();

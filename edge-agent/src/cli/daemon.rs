@@ -70,8 +70,14 @@ pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
                 deadline: config.update_health_deadline,
             }));
         }
+        // mqtts:// hubs know the device by its certificate instead of its token.
+        let tls = match config.hub.starts_with("mqtts://") {
+            true => Some(crate::identity::client_config(&config.identity_paths())?),
+            false => None,
+        };
         let hub = (!config.hub.is_empty()).then(|| SyncSettings {
             hub: config.hub.clone(),
+            tls,
             device_id: config.device_id.clone(),
             token: config.hub_token.clone(),
             topics: Topics::new(&config.topic_prefix),

@@ -4,6 +4,7 @@
 mod apply;
 mod config;
 mod daemon;
+mod enroll;
 mod events;
 mod gc;
 mod images;
@@ -90,6 +91,8 @@ pub enum Command {
     Daemon,
     /// Apply a desired-state document from a file: through the running daemon, or directly when none runs.
     Apply(apply::ApplyArgs),
+    /// Get this device's certificate from the hub with a one-time token (for an mqtts:// hub).
+    Enroll(enroll::EnrollArgs),
     /// The device's events: applied, revision started, healthy, failed, rolled back.
     Events(events::EventsArgs),
     /// The agent's configuration.
@@ -144,6 +147,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Daemon => daemon::run(&config, supervisor),
         Command::Apply(args) => apply::run(&config, supervisor, args),
         Command::Events(args) => events::run(&config, args),
+        Command::Enroll(args) => block_on(enroll::run(&config, args))?,
         Command::Run(args) => run::run(&supervisor, &pulls, args),
         Command::Ps(args) => ps::run(&supervisor, args),
         Command::Logs(args) => logs::run(&supervisor, args),

@@ -1,6 +1,9 @@
 //! The operator commands' client of the hub's HTTP API.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
 
 use outpost_proto::sync::Command;
 use outpost_proto::DesiredState;
@@ -10,6 +13,7 @@ use serde::Deserialize;
 
 use crate::api::{CommandSent, DeviceView};
 use crate::artifacts::BlobInfo;
+use crate::enroll::NewToken;
 use crate::logs::LogsReply;
 use crate::rollout::Revision;
 use crate::store::PendingDevice;
@@ -36,12 +40,20 @@ struct ErrorBody {
 }
 
 impl ApiClient {
-    pub fn new(base: &str) -> anyhow::Result<Self> {
+    /// `ca`: the hub CA's certificate (PEM), for a hub with `http-tls`.
+    pub fn new(base: &str, ca: Option<&Path>) -> anyhow::Result<Self> {
         let base = Url::parse(base).map_err(|e| anyhow::anyhow!("--hub-url {base:?} is not a URL: {e}"))?;
         if base.cannot_be_a_base() {
             anyhow::bail!("--hub-url {base} cannot take a path");
         }
-        Ok(Self { base, http: reqwest::Client::new() })
+        let mut http = reqwest::Client::builder();
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read the hub's CA certificate {ca:?}"))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{ca:?} is not a PEM certificate: `hub ca` on the hub prints it"))?;
+            http = http.add_root_certificate(cert);
+        }
+        Ok(Self { base, http: http.build().context("cannot make the HTTP client")? })
     }
 
     /// `base/v1/devices/...`, each segment escaped.
@@ -165,6 +177,10 @@ impl ApiClient {
 
     pub async fn reject(&self, id: &str) -> Result<(), ClientError> {
         self.send_no_content(self.http.delete(self.v1(&["pending-devices", id]))).await
+    }
+
+    pub async fn enroll_token(&self, id: &str) -> Result<NewToken, ClientError> {
+        self.send(self.http.post(self.url(&[id, "enroll-token"]))).await
     }
 
     pub async fn put_labels(&self, id: &str, labels: &BTreeMap<String, String>) -> Result<DeviceView, ClientError> {

@@ -8,8 +8,10 @@ mod client;
 mod config;
 mod deployments;
 mod devices;
+mod identity;
 mod label;
 mod logs;
+mod mosquitto_acl;
 mod restart;
 mod rollout;
 mod serve;
@@ -27,6 +29,9 @@ pub struct Cli {
     /// The hub's HTTP API, for the operator commands.
     #[arg(long, global = true, env = "OUTPOST_HUB_URL", default_value = "http://127.0.0.1:8080")]
     pub hub_url: String,
+    /// The hub CA's certificate (`hub ca` prints it), for an https:// hub URL.
+    #[arg(long, global = true, env = "OUTPOST_HUB_CA")]
+    pub hub_ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -73,6 +78,14 @@ pub enum Command {
     /// Push signed update metadata (TUF) for devices to fetch.
     #[command(subcommand)]
     Tuf(artifact::TufCommand),
+    /// Print the ACL file for an external mosquitto: each device may use only its own topics.
+    MosquittoAcl(mosquitto_acl::Args),
+    /// Print the hub CA's certificate, which devices and operators trust the hub by.
+    Ca(identity::CaArgs),
+    /// Make a one-time token with which a device enrolls (gets its certificate).
+    EnrollToken(identity::EnrollTokenArgs),
+    /// Sign a device's certificate from its CSR, without the device online (factory provisioning).
+    IssueCert(identity::IssueCertArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -81,25 +94,30 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let client = || ApiClient::new(&cli.hub_url, cli.hub_ca.as_deref());
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Config(command) => config::run(command),
-            Command::Devices(args) => devices::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Label(args) => label::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::SetDesired(args) => set_desired::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Watch(args) => watch::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Apply(args) => deployments::apply(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Deployments(args) => deployments::list(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Deployment(command) => deployments::run(&ApiClient::new(&cli.hub_url)?, command).await,
-            Command::Rollout(command) => rollout::run(&ApiClient::new(&cli.hub_url)?, command).await,
-            Command::Restart(args) => restart::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Logs(args) => logs::run(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Pending(args) => approval::pending(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Approve(args) => approval::approve(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Reject(args) => approval::reject(&ApiClient::new(&cli.hub_url)?, args).await,
-            Command::Artifact(command) => artifact::run(&ApiClient::new(&cli.hub_url)?, command).await,
-            Command::Tuf(command) => artifact::run_tuf(&ApiClient::new(&cli.hub_url)?, command).await,
+            Command::Devices(args) => devices::run(&client()?, args).await,
+            Command::Label(args) => label::run(&client()?, args).await,
+            Command::SetDesired(args) => set_desired::run(&client()?, args).await,
+            Command::Watch(args) => watch::run(&client()?, args).await,
+            Command::Apply(args) => deployments::apply(&client()?, args).await,
+            Command::Deployments(args) => deployments::list(&client()?, args).await,
+            Command::Deployment(command) => deployments::run(&client()?, command).await,
+            Command::Rollout(command) => rollout::run(&client()?, command).await,
+            Command::Restart(args) => restart::run(&client()?, args).await,
+            Command::Logs(args) => logs::run(&client()?, args).await,
+            Command::Pending(args) => approval::pending(&client()?, args).await,
+            Command::Approve(args) => approval::approve(&client()?, args).await,
+            Command::Reject(args) => approval::reject(&client()?, args).await,
+            Command::Artifact(command) => artifact::run(&client()?, command).await,
+            Command::Tuf(command) => artifact::run_tuf(&client()?, command).await,
+            Command::MosquittoAcl(args) => mosquitto_acl::run(args),
+            Command::Ca(args) => identity::ca(args),
+            Command::EnrollToken(args) => identity::enroll_token(&client()?, args).await,
+            Command::IssueCert(args) => identity::issue_cert(args),
         }
     })
 }

@@ -1,12 +1,14 @@
 //! End-to-end tests: a hub in-process on loopback, and simulated devices.
 //! One test binary, one module per concern.
 
+mod acl;
 mod api;
 mod artifacts;
 mod cli;
 mod commands;
 mod epoch;
 mod fleet;
+mod identity;
 mod mosquitto;
 mod pin;
 mod rollouts;

@@ -45,6 +45,8 @@ pub type Cursor = (u64, u64);
 pub type ClientId = String;
 pub type AuthUser = String;
 pub type AuthPass = String;
+/// Outpost patch: (client id, certificate's common name) -> allowed.
+pub type CertAuthHandler = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 pub type AuthHandler = Arc<
     dyn Fn(ClientId, AuthUser, AuthPass) -> Pin<Box<dyn std::future::Future<Output = bool> + Send>>
         + Send
@@ -152,6 +154,12 @@ pub struct ConnectionSettings {
     pub external_auth: Option<AuthHandler>,
     #[serde(default)]
     pub dynamic_filters: bool,
+    /// Outpost patch: decides on a client whose certificate the TLS listener
+    /// verified (feature `verify-client-cert`), given its client id and the
+    /// certificate's common name; no user name or password is asked of it.
+    /// None: the client id must equal the common name.
+    #[serde(skip)]
+    pub cert_auth: Option<CertAuthHandler>,
 }
 
 impl ConnectionSettings {
@@ -177,6 +185,7 @@ impl fmt::Debug for ConnectionSettings {
             .field("auth", &self.auth)
             .field("external_auth", &self.external_auth.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
+            .field("cert_auth", &self.cert_auth.is_some())
             .finish()
     }
 }
@@ -202,6 +211,33 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// Outpost patch: asked before each PUBLISH and each SUBSCRIBE filter;
+    /// none allows everything, as upstream does.
+    #[serde(skip)]
+    pub authorizer: Option<Authorizer>,
+}
+
+/// Outpost patch: what a client asks to do with a topic (PUBLISH) or a
+/// filter (SUBSCRIBE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Publish,
+    Subscribe,
+}
+
+/// Outpost patch: per-topic authorization, which upstream lacks. Called
+/// with the client id, the access and the topic or filter; `false` refuses:
+/// a refused SUBSCRIBE filter gets a failure return code (0x80) in its
+/// SUBACK, a refused PUBLISH is dropped unacknowledged and closes the
+/// connection (a client that sends one is broken or hostile; dropping it
+/// silently with an ack would hide that from it, and from its operator).
+#[derive(Clone)]
+pub struct Authorizer(pub Arc<dyn Fn(&str, Access, &str) -> bool + Send + Sync>);
+
+impl fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Authorizer")
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

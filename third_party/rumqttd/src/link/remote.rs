@@ -177,6 +177,7 @@ impl<P: Protocol> RemoteLink<P> {
 pub async fn mqtt_connect<P>(
     config: Arc<ConnectionSettings>,
     network: &mut Network<P>,
+    common_name: Option<&str>,
 ) -> Result<Packet, Error>
 where
     P: Protocol,
@@ -198,7 +199,11 @@ where
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    // Outpost patch: a verified client certificate replaces the password.
+    match common_name {
+        Some(common_name) => cert_auth(&config, &connect.client_id, common_name)?,
+        None => handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?,
+    }
 
     // When keep_alive feature is disabled client can live forever, which is not good in
     // distributed broker context so currenlty we don't allow it.
@@ -223,6 +228,19 @@ where
 
     // Ok((connect, props, lastwill, lastwill_props))
     Ok(packet)
+}
+
+/// Outpost patch: a client whose certificate the TLS listener verified.
+fn cert_auth(config: &ConnectionSettings, client_id: &str, common_name: &str) -> Result<(), Error> {
+    let allowed = match &config.cert_auth {
+        Some(cert_auth) => cert_auth(client_id, common_name),
+        None => client_id == common_name,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(Error::InvalidAuth)
+    }
 }
 
 async fn handle_auth(
@@ -286,7 +304,19 @@ mod tests {
             auth: None,
             external_auth: None,
             dynamic_filters: false,
+            cert_auth: None,
         }
+    }
+
+    #[test]
+    fn outpost_patch_a_certificate_client_needs_its_common_name_as_client_id_or_the_handlers_yes() {
+        let cfg = config();
+        assert!(super::cert_auth(&cfg, "pump-3", "pump-3").is_ok());
+        assert!(super::cert_auth(&cfg, "pump-4", "pump-3").is_err());
+        let mut cfg = config();
+        cfg.cert_auth = Some(Arc::new(|client_id, cn| client_id == "hub" && cn == "hub-cert"));
+        assert!(super::cert_auth(&cfg, "hub", "hub-cert").is_ok());
+        assert!(super::cert_auth(&cfg, "pump-3", "pump-3").is_err());
     }
 
     fn login() -> Login {

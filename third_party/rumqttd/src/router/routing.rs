@@ -531,6 +531,14 @@ impl Router {
     }
 
     /// Handles new incoming data on a topic
+    /// Outpost patch: asks the configured authorizer, if any.
+    fn authorized(&self, client_id: &str, access: Access, topic: &str) -> bool {
+        self.config
+            .authorizer
+            .as_ref()
+            .map_or(true, |authorize| (authorize.0)(client_id, access, topic))
+    }
+
     fn handle_device_payload(&mut self, id: ConnectionId) {
         // TODO: Retun errors and move error handling to the caller
         let incoming = match self.ibufs.get_mut(id) {
@@ -560,6 +568,15 @@ impl Router {
                 Packet::Publish(publish, properties) => {
                     let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
                     let _guard = span.enter();
+
+                    // Outpost patch: a refused publish goes nowhere, is not
+                    // acknowledged, and closes the connection.
+                    let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
+                    if !self.authorized(&client_id, Access::Publish, topic) {
+                        disconnect = true;
+                        disconnect_reason = Some(DisconnectReasonCode::NotAuthorized);
+                        break;
+                    }
 
                     let qos = publish.qos;
                     let pkid = publish.pkid;
@@ -654,6 +671,13 @@ impl Router {
                         let span =
                             tracing::info_span!("subscribe", topic = f.path, pkid = subscribe.pkid);
                         let _guard = span.enter();
+
+                        // Outpost patch: a refused filter fails in the SUBACK;
+                        // the connection and its other filters go on.
+                        if !self.authorized(&client_id, Access::Subscribe, &f.path) {
+                            return_codes.push(SubscribeReasonCode::Failure);
+                            continue;
+                        }
 
                         info!("Adding subscription on topic {}", f.path);
                         let connection = self.connections.get_mut(id).unwrap();
@@ -1105,6 +1129,12 @@ impl Router {
         let Some((will, will_props)) = self.last_wills.remove(&client_id) else {
             return;
         };
+
+        // Outpost patch: a will is a publish like any other.
+        let topic = std::str::from_utf8(&will.topic).unwrap_or("");
+        if !self.authorized(&client_id, Access::Publish, topic) {
+            return;
+        }
 
         let publish = Publish {
             dup: false,
@@ -2397,3 +2427,90 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 // //         dbg!(trackers);
 // //     }
 // // }
+
+/// Outpost patch: per-topic authorization (OUTPOST-PATCHES.md).
+#[cfg(test)]
+mod outpost_patch_authorization {
+    use crate::link::local::LinkRx;
+    use crate::protocol::SubscribeReasonCode;
+    use crate::router::{Ack, Notification};
+    use crate::{Access, Authorizer, Broker, Config, RouterConfig};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Each client may use only the topics under its own id.
+    fn broker() -> Broker {
+        let own_topics = |client_id: &str, _: Access, topic: &str| {
+            topic.strip_prefix(client_id).is_some_and(|rest| rest.starts_with('/'))
+        };
+        let router = RouterConfig {
+            max_connections: 10,
+            max_outgoing_packet_count: 100,
+            max_segment_size: 1 << 20,
+            max_segment_count: 2,
+            authorizer: Some(Authorizer(Arc::new(own_topics))),
+            ..Default::default()
+        };
+        Broker::new(Config { router, ..Default::default() })
+    }
+
+    /// Everything the router sends a link within half a second.
+    fn notifications(rx: &mut LinkRx) -> Vec<Notification> {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut all = Vec::new();
+        while let Ok(Some(notification)) = rx.recv_deadline(deadline) {
+            all.push(notification);
+        }
+        all
+    }
+
+    fn suback_codes(notifications: &[Notification]) -> Vec<SubscribeReasonCode> {
+        notifications
+            .iter()
+            .filter_map(|n| match n {
+                Notification::DeviceAck(Ack::SubAck(suback)) => Some(suback.return_codes.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn forwarded_topics(notifications: &[Notification]) -> Vec<Vec<u8>> {
+        notifications
+            .iter()
+            .filter_map(|n| match n {
+                Notification::Forward(forward) => Some(forward.publish.topic.to_vec()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn outpost_patch_a_refused_filter_fails_in_the_suback_and_the_others_succeed() {
+        let broker = broker();
+        let (mut tx, mut rx) = broker.link("a").unwrap();
+        tx.subscribe("b/desired").unwrap();
+        tx.subscribe("a/desired").unwrap();
+        tx.subscribe("#").unwrap();
+        let codes = suback_codes(&notifications(&mut rx));
+        assert_eq!(
+            codes,
+            [SubscribeReasonCode::Failure, SubscribeReasonCode::QoS0, SubscribeReasonCode::Failure]
+        );
+    }
+
+    #[test]
+    fn outpost_patch_a_refused_publish_reaches_no_subscriber() {
+        let broker = broker();
+        let (mut b_tx, mut b_rx) = broker.link("b").unwrap();
+        b_tx.subscribe("b/reported").unwrap();
+        assert_eq!(suback_codes(&notifications(&mut b_rx)), [SubscribeReasonCode::QoS0]);
+
+        let (mut a_tx, _a_rx) = broker.link("a").unwrap();
+        a_tx.publish("b/reported", "forged").unwrap();
+        assert!(forwarded_topics(&notifications(&mut b_rx)).is_empty());
+
+        b_tx.publish("b/reported", "own").unwrap();
+        assert_eq!(forwarded_topics(&notifications(&mut b_rx)), [b"b/reported".to_vec()]);
+    }
+}

@@ -366,17 +366,22 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     // Depending on TLS or not create a new Network
-    async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Option<String>), Error> {
+    // Outpost patch: and the common name of the client's verified certificate.
+    async fn tls_accept(
+        &self,
+        stream: TcpStream,
+    ) -> Result<(Box<dyn N>, Option<String>, Option<String>), Error> {
         #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
         match &self.config.tls {
             Some(c) => {
-                let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
-                Ok((network, tenant_id))
+                let (tenant_id, common_name, network) =
+                    TLSAcceptor::new(c)?.accept(stream).await?;
+                Ok((network, tenant_id, common_name))
             }
-            None => Ok((Box::new(stream), None)),
+            None => Ok((Box::new(stream), None, None)),
         }
         #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
-        Ok((Box::new(stream), None))
+        Ok((Box::new(stream), None, None))
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
@@ -400,7 +405,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
-            let (network, tenant_id) = match self.tls_accept(stream).await {
+            let (network, tenant_id, common_name) = match self.tls_accept(stream).await {
                 Ok(o) => o,
                 Err(e) => {
                     error!(error=?e, "Tls accept error");
@@ -431,6 +436,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                         remote(
                             config,
                             tenant_id.clone(),
+                            common_name,
                             router_tx,
                             stream,
                             protocol,
@@ -447,6 +453,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     remote(
                         config,
                         tenant_id.clone(),
+                        common_name,
                         router_tx,
                         network,
                         protocol,
@@ -492,6 +499,7 @@ impl Callback for WSCallback {
 async fn remote<P: Protocol>(
     config: Arc<ConnectionSettings>,
     tenant_id: Option<String>,
+    common_name: Option<String>,
     router_tx: Sender<(ConnectionId, Event)>,
     stream: Box<dyn N>,
     protocol: P,
@@ -506,7 +514,7 @@ async fn remote<P: Protocol>(
 
     let dynamic_filters = config.dynamic_filters;
 
-    let connect_packet = match mqtt_connect(config, &mut network).await {
+    let connect_packet = match mqtt_connect(config, &mut network, common_name.as_deref()).await {
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");

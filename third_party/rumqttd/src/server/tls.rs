@@ -84,6 +84,20 @@ fn extract_tenant_id(der: &[u8]) -> Result<Option<String>, Error> {
     Ok(Some(tenant_id))
 }
 
+#[cfg(feature = "verify-client-cert")]
+/// Outpost patch: the certificate's subject common name, which must be there.
+fn extract_common_name(der: &[u8]) -> Result<String, Error> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| Error::CertificateParse)?;
+    let common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or(Error::CertificateParse)?;
+    Ok(common_name.to_string())
+}
+
 #[allow(dead_code)]
 pub enum TLSAcceptor {
     #[cfg(feature = "use-rustls")]
@@ -115,25 +129,33 @@ impl TLSAcceptor {
         }
     }
 
-    pub async fn accept(&self, stream: TcpStream) -> Result<(Option<String>, Box<dyn N>), Error> {
+    /// Outpost patch: also gives the common name of the client's verified
+    /// certificate (feature `verify-client-cert`), which identifies the client.
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> Result<(Option<String>, Option<String>, Box<dyn N>), Error> {
         match self {
             #[cfg(feature = "use-rustls")]
             TLSAcceptor::Rustls { acceptor } => {
                 let stream = acceptor.accept(stream).await?;
 
                 #[cfg(feature = "verify-client-cert")]
-                let tenant_id = {
+                let (tenant_id, common_name) = {
                     let (_, session) = stream.get_ref();
                     let peer_certificates = session
                         .peer_certificates()
                         .ok_or(Error::NoPeerCertificate)?;
-                    extract_tenant_id(&peer_certificates[0])?
+                    (
+                        extract_tenant_id(&peer_certificates[0])?,
+                        Some(extract_common_name(&peer_certificates[0])?),
+                    )
                 };
                 #[cfg(not(feature = "verify-client-cert"))]
-                let tenant_id: Option<String> = None;
+                let (tenant_id, common_name): (Option<String>, Option<String>) = (None, None);
 
                 let network = Box::new(stream);
-                Ok((tenant_id, network))
+                Ok((tenant_id, common_name, network))
             }
             #[cfg(feature = "use-native-tls")]
             TLSAcceptor::NativeTLS { acceptor } => {
@@ -146,7 +168,7 @@ impl TLSAcceptor {
                 //     .to_der()?;
                 // let tenant_id = extract_tenant_id(&peer_certificate)?;
                 let network = Box::new(stream);
-                Ok((None, network))
+                Ok((None, None, network))
             }
         }
     }
