@@ -32,6 +32,10 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// What deployments may ask of devices.
     pub policy: Policy,
+    /// The operator's root.json: when set, signed deployments are verified
+    /// at apply, so a bad signature is an error for the operator now rather
+    /// than a refusal on every device later. Devices verify either way.
+    pub trust_root: Option<PathBuf>,
     /// Device id -> token.
     pub devices: BTreeMap<String, String>,
 }
@@ -81,6 +85,7 @@ impl Default for Config {
             unknown_devices: UnknownDevices::Refuse,
             insecure_registries: Vec::new(),
             policy: Policy::default(),
+            trust_root: None,
             devices: BTreeMap::new(),
         }
     }

@@ -122,7 +122,8 @@ fn main() -> Result<()> {
         }
         Command::NewRoot { root_key, deployments_key, targets_key, snapshot_key, timestamp_key, expires, out } => {
             let or_root = |key: &Option<PathBuf>| key.clone().unwrap_or_else(|| root_key.clone());
-            let (targets, snapshot, timestamp) = (or_root(&targets_key), or_root(&snapshot_key), or_root(&timestamp_key));
+            let (targets, snapshot, timestamp) =
+                (or_root(&targets_key), or_root(&snapshot_key), or_root(&timestamp_key));
             let keys = [
                 (RoleType::Root, root_key.as_path()),
                 (RoleType::Targets, targets.as_path()),
@@ -139,7 +140,12 @@ fn main() -> Result<()> {
             sign_desired(&mut state, &key).with_context(|| format!("cannot sign {}", file.display()))?;
             let json = serde_json::to_vec_pretty(&state)?;
             fs::write(&out, json).with_context(|| format!("failed to write {}", out.display()))?;
-            println!("{}: {} deployment(s) signed by {}", out.display(), state.deployments.len(), key.public_key().key_id());
+            println!(
+                "{}: {} deployment(s) signed by {}",
+                out.display(),
+                state.deployments.len(),
+                key.public_key().key_id()
+            );
         }
         Command::VerifyDesired { root, file } => {
             let state = TrustedState::new(&read(&root)?, Versions::default())
