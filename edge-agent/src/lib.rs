@@ -11,3 +11,4 @@ pub mod rollback;
 pub mod runtime;
 pub mod store;
 pub mod sync;
+pub mod trust;

@@ -46,7 +46,8 @@ pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
             }
         };
         tracing::info!(device = %config.device_id, "agent running; workloads keep running when it stops");
-        let core = Core::new(Arc::new(store), supervisor, config.insecure_registries.clone());
+        let core =
+            Core::new(Arc::new(store), supervisor, config.insecure_registries.clone(), config.trust_root.clone());
         let hub = (!config.hub.is_empty()).then(|| SyncSettings {
             hub: config.hub.clone(),
             device_id: config.device_id.clone(),
