@@ -13,8 +13,9 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// A workload of busybox running `script`, with fast stop and restarts.
 fn workload(name: &str, script: &str, extra: &str) -> String {
+    let image = testkit::image::busybox_pinned();
     format!(
-        "[[deployments.workloads]]\nname = \"{name}\"\nimage = \"busybox:test\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\nstop-grace-period = \"100ms\"\n{extra}\n"
+        "[[deployments.workloads]]\nname = \"{name}\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\nstop-grace-period = \"100ms\"\n{extra}\n"
     )
 }
 

@@ -10,6 +10,7 @@ pub mod layers;
 pub mod mosquitto;
 pub mod proxy;
 pub mod registry;
+pub mod trust;
 
 pub use fleet::{FailureScript, SimSpec, SimulatedFleet};
 pub use mosquitto::Mosquitto;
