@@ -267,7 +267,9 @@ fn agent_killed_at_random_moments_while_applying_always_converges_to_the_newest_
         counts.insert(generation, count);
         let workloads: Vec<String> = wanted(generation, count).iter().map(|(n, c)| workload(n, c, "")).collect();
         let file = agent.data.path().join("round.toml");
-        std::fs::write(&file, document(generation, &[("app", generation, "", &workloads)])).unwrap();
+        let signed =
+            testkit::trust::operator().sign_document(&document(generation, &[("app", generation, "", &workloads)]));
+        std::fs::write(&file, signed).unwrap();
         let mut apply = agent
             .command()
             .args(["apply", "-f", file.to_str().unwrap()])
