@@ -9,5 +9,6 @@ mod fleet;
 mod mosquitto;
 mod pin;
 mod rollouts;
+mod signed;
 mod support;
 mod sync;
