@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -98,7 +100,14 @@ fn main() -> Result<()> {
                 bail!("{} already exists; refusing to overwrite a key", out.display());
             }
             let (key, pkcs8) = SigningKey::generate()?;
-            fs::write(&out, pkcs8).with_context(|| format!("failed to write {}", out.display()))?;
+            // Readable by its owner only: it is a private key.
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("failed to create {}", out.display()))?;
+            file.write_all(&pkcs8).with_context(|| format!("failed to write {}", out.display()))?;
             println!("{}", key.public_key().key_id());
         }
         Command::Sign { key, file } => {
