@@ -36,8 +36,11 @@ struct SignedApply {
     signatures: Vec<Signature>,
 }
 
+/// A signed apply's revision and signatures.
+type Signing = (u64, Vec<Signature>);
+
 /// The body is a spec (unsigned), or `{"spec", "revision", "signatures"}`.
-fn parse_apply(body: &[u8]) -> Result<(DeploymentSpec, Option<(u64, Vec<Signature>)>), ApiError> {
+fn parse_apply(body: &[u8]) -> Result<(DeploymentSpec, Option<Signing>), ApiError> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("the deployment is not valid JSON: {e}")))?;
     if value.get("spec").is_some() {
