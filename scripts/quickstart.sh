@@ -10,10 +10,13 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-echo "==> building edge-agent and hub (release)"
-cargo build --release --quiet -p edge-agent -p hub -p outpost-examples --bin edge-agent --bin hub --bin busybox-image
-agent=target/release/edge-agent
-hub=target/release/hub
+echo "==> building edge-agent, hub and ota (release)"
+cargo build --release --quiet -p edge-agent -p hub -p ota -p outpost-examples \
+    --bin edge-agent --bin hub --bin ota --bin busybox-image
+bin=${CARGO_TARGET_DIR:-target}/release
+agent=$bin/edge-agent
+hub=$bin/hub
+ota=$bin/ota
 qs=/var/lib/outpost-quickstart
 mkdir -p "$qs"
 
@@ -25,6 +28,17 @@ for name in hub agent; do
     fi
 done
 
+# The operator's keys and root: nothing runs on the device unless the
+# deployments key signed it. Kept across re-runs; the agent trusts the root it
+# first stored. On a real fleet the keys stay on the operator's machine.
+if [ ! -f "$qs/root.json" ]; then
+    echo "==> making the operator's keys and root ($qs/keys, $qs/root.json)"
+    mkdir -p "$qs/keys"
+    $ota keygen --out "$qs/keys/root.key" > /dev/null
+    $ota keygen --out "$qs/keys/deployments.key" > /dev/null
+    $ota new-root --root-key "$qs/keys/root.key" --deployments-key "$qs/keys/deployments.key" --out "$qs/root.json"
+fi
+
 device=quickstart-device
 [ -f "$qs/token" ] || head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$qs/token"
 token=$(cat "$qs/token")
@@ -32,6 +46,7 @@ cat > "$qs/hub.toml" <<TOML
 data-dir = "$qs/hub"
 http = "127.0.0.1:18080"
 mqtt-listen = "127.0.0.1:18830"
+trust-root = "$qs/root.json"
 [devices]
 $device = "$token"
 TOML
@@ -40,6 +55,7 @@ device-id = "$device"
 hub = "mqtt://127.0.0.1:18830"
 hub-token = "$token"
 report-interval = "1s"
+trust-root = "$qs/root.json"
 TOML
 export OUTPOST_HUB_URL=http://127.0.0.1:18080
 
@@ -48,7 +64,7 @@ nohup $hub serve --config "$qs/hub.toml" > "$qs/hub.log" 2>&1 &
 echo $! > "$qs/hub.pid"
 
 echo "==> making the image busybox:quickstart from this machine's busybox-static, and importing it"
-target/release/busybox-image /tmp/outpost-quickstart-image busybox:quickstart
+$bin/busybox-image /tmp/outpost-quickstart-image busybox:quickstart
 $agent --config "$qs/agent.toml" import /tmp/outpost-quickstart-image
 
 echo "==> starting the agent (log: $qs/agent.log)"
@@ -61,11 +77,14 @@ for _ in $(seq 1 50); do
 done
 $hub devices
 
-echo "==> the operator sets the device's desired state through the hub (examples/quickstart/desired.toml)"
+echo "==> the operator signs the device's desired state and sets it through the hub (examples/quickstart/desired.toml)"
+# The image is pinned by the digest of the manifest just built, so the
+# signature covers the image's content too.
+digest=$(grep -o 'sha256:[0-9a-f]\{64\}' /tmp/outpost-quickstart-image/index.json | head -n 1)
 generation=$(date +%s)
 sed -e "s/^generation = .*/generation = $generation/" -e "s/^revision = .*/revision = $generation/" \
-    examples/quickstart/desired.toml > "$qs/desired.toml"
-$hub set-desired $device -f "$qs/desired.toml"
+    -e "s/@sha256:[0-9a-f]*/@$digest/" examples/quickstart/desired.toml > "$qs/desired.toml"
+$hub set-desired $device -f "$qs/desired.toml" --key "$qs/keys/deployments.key"
 $hub watch $device --timeout 120s
 
 echo "==> the workload's web page, from the device:"

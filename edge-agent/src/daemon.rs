@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,7 @@ use crate::runtime::image::PullOptions;
 use crate::runtime::Supervisor;
 use crate::store::{Rollback, Store};
 use crate::sync::{self, SyncSettings};
+use crate::trust;
 use crate::update::fetch::Updater;
 use crate::update::stage0;
 
@@ -34,6 +36,8 @@ pub struct Core {
     store: Arc<Store>,
     supervisor: Supervisor,
     pulls: PullOptions,
+    /// The config's `trust-root`: seeds the store's trusted root on first use.
+    trust_root: PathBuf,
     watches: Vec<Watch>,
     /// The revision of each deployment this process has started, so that a
     /// revision is watched once per start of the agent.
@@ -43,8 +47,8 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(store: Arc<Store>, supervisor: Supervisor, pulls: PullOptions) -> Self {
-        Self { store, supervisor, pulls, watches: Vec::new(), started: BTreeMap::new(), updater: None }
+    pub fn new(store: Arc<Store>, supervisor: Supervisor, pulls: PullOptions, trust_root: PathBuf) -> Self {
+        Self { store, supervisor, pulls, trust_root, watches: Vec::new(), started: BTreeMap::new(), updater: None }
     }
 
     pub fn with_updater(self, updater: Arc<Updater>) -> Self {
@@ -152,12 +156,25 @@ impl Core {
     }
 }
 
-/// Stores a desired state and records the event; the caller reconciles.
-pub fn apply(store: &Store, state: &DesiredState) -> Result<bool, String> {
-    let result =
-        state.validate().map_err(|e| e.to_string()).and_then(|_| store.set_desired(state).map_err(|e| e.to_string()));
+/// Verifies a desired state's signatures against the trusted root at
+/// `trust_root` (see `trust`), stores it and records the event; the caller
+/// reconciles. A refused state is not stored: the last good one keeps running.
+pub fn apply(store: &Store, trust_root: &Path, state: &DesiredState) -> Result<bool, String> {
+    let generation = state.generation;
+    if let Err(e) = state.validate() {
+        return refuse(store, EventKind::Rejected { reason: e.to_string() });
+    }
+    if let Err(e) = trust::verify(store, trust_root, state) {
+        let reason = e.to_string();
+        tracing::warn!(
+            generation,
+            "refused desired state generation {generation}: {reason}; the stored state keeps running"
+        );
+        return refuse(store, EventKind::Refused { generation, reason });
+    }
+    let result = store.set_desired(state).map_err(|e| e.to_string());
     let event = match &result {
-        Ok(true) => EventKind::Applied { generation: state.generation },
+        Ok(true) => EventKind::Applied { generation },
         Ok(false) => return result,
         Err(reason) => EventKind::Rejected { reason: reason.clone() },
     };
@@ -165,6 +182,17 @@ pub fn apply(store: &Store, state: &DesiredState) -> Result<bool, String> {
         tracing::error!("cannot record an event: {e}");
     }
     result
+}
+
+fn refuse(store: &Store, event: EventKind) -> Result<bool, String> {
+    let reason = match &event {
+        EventKind::Rejected { reason } | EventKind::Refused { reason, .. } => reason.clone(),
+        _ => String::new(),
+    };
+    if let Err(e) = store.push_event(event) {
+        tracing::error!("cannot record an event: {e}");
+    }
+    Err(reason)
 }
 
 /// Runs the agent until `shutdown` completes, linked to a hub when `hub` is
@@ -179,13 +207,14 @@ pub async fn run(
     let store = core.store.clone();
     let supervisor = core.supervisor.clone();
     let updater = core.updater.clone();
+    let trust_root = Arc::new(core.trust_root.clone());
     let core = Arc::new(Mutex::new(core));
     let kick = Arc::new(Notify::new());
     let reconciler = tokio::spawn(reconcile_loop(core, kick.clone(), interval));
     let link = hub.map(|settings| {
-        let (store, kick) = (store.clone(), kick.clone());
+        let (store, kick, trust_root) = (store.clone(), kick.clone(), trust_root.clone());
         tokio::spawn(async move {
-            if let Err(e) = sync::run(settings, store, supervisor, kick).await {
+            if let Err(e) = sync::run(settings, store, supervisor, kick, trust_root).await {
                 tracing::error!("no link to the hub: {e}");
             }
         })
@@ -196,7 +225,7 @@ pub async fn run(
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, store.clone(), kick.clone(), updater.clone()));
+                    tokio::spawn(serve(stream, store.clone(), kick.clone(), trust_root.clone(), updater.clone()));
                 }
                 Err(e) => tracing::warn!("control socket: {e}"),
             },
@@ -224,7 +253,13 @@ async fn reconcile_loop(core: Arc<Mutex<Core>>, kick: Arc<Notify>, interval: Dur
     }
 }
 
-async fn serve(stream: UnixStream, store: Arc<Store>, kick: Arc<Notify>, updater: Option<Arc<Updater>>) {
+async fn serve(
+    stream: UnixStream,
+    store: Arc<Store>,
+    kick: Arc<Notify>,
+    trust_root: Arc<PathBuf>,
+    updater: Option<Arc<Updater>>,
+) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -235,9 +270,9 @@ async fn serve(stream: UnixStream, store: Arc<Store>, kick: Arc<Notify>, updater
                 Err(e) => Response::Error(e.to_string()),
             },
             Ok(Request::Apply(state)) => {
-                let store = store.clone();
+                let (store, trust_root) = (store.clone(), trust_root.clone());
                 let generation = state.generation;
-                match tokio::task::spawn_blocking(move || apply(&store, &state)).await {
+                match tokio::task::spawn_blocking(move || apply(&store, &trust_root, &state)).await {
                     Ok(Ok(changed)) => {
                         kick.notify_one();
                         Response::Applied { generation, changed }

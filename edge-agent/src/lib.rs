@@ -12,4 +12,5 @@ pub mod rollback;
 pub mod runtime;
 pub mod store;
 pub mod sync;
+pub mod trust;
 pub mod update;

@@ -28,7 +28,7 @@ pub fn wanted(state: &DesiredState) -> Vec<Wanted> {
         .deployments
         .iter()
         .flat_map(|d| {
-            d.workloads.iter().map(|w| Wanted {
+            d.active_workloads().map(|w| Wanted {
                 spec: w.clone(),
                 deployment: DeploymentRef { name: d.name.clone(), revision: d.revision },
             })

@@ -33,7 +33,7 @@ pub enum Verdict {
 
 pub fn judge(watch: &Watch, deployment: &Deployment, instances: &[WorkloadInfo], now: Instant) -> Verdict {
     let closed = now.duration_since(watch.since) >= watch.window;
-    for spec in &deployment.workloads {
+    for spec in deployment.active_workloads() {
         let id = instance_id(spec);
         let status = instances.iter().find(|i| i.instance == id).and_then(|i| i.status.as_ref());
         let failed = |reason: String| Verdict::Failed { workload: spec.name.clone(), reason };
@@ -90,6 +90,8 @@ mod tests {
             revision: 2,
             rollback_window: WINDOW,
             workloads: vec![WorkloadSpec::parse("name = \"web\"\nimage = \"web:2\"").unwrap()],
+            excluded: Vec::new(),
+            signatures: Vec::new(),
         }
     }
 

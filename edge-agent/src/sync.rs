@@ -20,6 +20,7 @@
 //! backoff and jitter.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,6 +86,7 @@ pub async fn run(
     store: Arc<Store>,
     supervisor: Supervisor,
     kick: Arc<Notify>,
+    trust_root: Arc<PathBuf>,
 ) -> Result<(), BadHubAddress> {
     let (host, port) = host_port(&settings.hub, settings.tls.is_some())?;
     let topic = |channel| settings.topics.topic(&settings.device_id, channel);
@@ -121,6 +123,8 @@ pub async fn run(
         acked: Ack { v: PROTOCOL_VERSION, epoch, events: 0, reports: 0 },
         resend: Resend::default(),
         last_view: None,
+        trust_root,
+        refused: None,
     };
     let mut backoff = Duration::from_secs(1);
     let mut tick = tokio::time::interval(settings.report_interval);
@@ -211,6 +215,10 @@ struct Link<'a> {
     resend: Resend,
     /// The workloads as last reported; `None` sends a full report next.
     last_view: Option<ReportedView>,
+    trust_root: Arc<PathBuf>,
+    /// The generation last refused: the broker delivers the retained desired
+    /// state again at each new session, and one refusal is reported once.
+    refused: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -272,16 +280,22 @@ impl Link<'_> {
         let Some((_, channel)) = self.settings.topics.parse(topic) else { return };
         match channel {
             Channel::Desired => match decode::<DesiredMessage>(payload) {
+                Ok(message) if self.refused == Some(message.state.generation) => {
+                    tracing::debug!(generation = message.state.generation, "the refused desired state again: ignored");
+                }
                 Ok(message) => {
-                    let store = self.store.clone();
+                    let (store, trust_root) = (self.store.clone(), self.trust_root.clone());
                     let generation = message.state.generation;
-                    match blocking(move || Ok::<_, String>(daemon::apply(&store, &message.state))).await {
+                    match blocking(move || Ok::<_, String>(daemon::apply(&store, &trust_root, &message.state))).await {
                         Some(Ok(true)) => {
                             tracing::info!(generation, "desired state from the hub stored");
                             self.kick.notify_one();
                         }
                         Some(Ok(false)) => {}
-                        Some(Err(e)) => tracing::warn!(generation, "desired state from the hub refused: {e}"),
+                        Some(Err(e)) => {
+                            tracing::warn!(generation, "desired state from the hub refused: {e}");
+                            self.refused = Some(generation);
+                        }
                         None => {}
                     }
                 }

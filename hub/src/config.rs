@@ -35,6 +35,10 @@ pub struct Config {
     pub policy: Policy,
     /// The site cache of artifacts and images (docs/artifacts.md).
     pub cache: CacheConfig,
+    /// The operator's root.json: when set, signed deployments are verified
+    /// at apply, so a bad signature is an error for the operator now rather
+    /// than a refusal on every device later. Devices verify either way.
+    pub trust_root: Option<PathBuf>,
     /// Device id -> token.
     pub devices: BTreeMap<String, String>,
     /// Where the embedded broker listens for devices over TLS, each
@@ -115,6 +119,7 @@ impl Default for Config {
             insecure_registries: Vec::new(),
             policy: Policy::default(),
             cache: CacheConfig::default(),
+            trust_root: None,
             devices: BTreeMap::new(),
             mqtts_listen: None,
             enroll_listen: None,

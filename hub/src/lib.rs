@@ -182,7 +182,18 @@ impl Hub {
         info!("HTTP API listening on {}", http_listener.local_addr()?);
         let engine = rollout::engine::Engine::new(self.store.clone(), publisher.clone());
         let rollouts = engine.clone().start(stopping.clone());
+        let trust = match &self.config.trust_root {
+            Some(path) => {
+                let bytes =
+                    std::fs::read(path).with_context(|| format!("cannot read trust-root {}", path.display()))?;
+                let state = ota::TrustedState::new(&bytes, ota::Versions::default())
+                    .with_context(|| format!("trust-root {} is not a root that signs itself", path.display()))?;
+                Some(state.root().clone())
+            }
+            None => None,
+        };
         let admission = api::Admission {
+            trust,
             policy: self.config.policy.clone(),
             registries: rollout::pin::Registries { insecure: self.config.insecure_registries.clone() },
         };

@@ -8,9 +8,9 @@ use outpost_proto::sync::{
     Ack, Command, CommandMessage, EventBatch, Presence, Report, MAX_LOG_LINES, PROTOCOL_VERSION,
 };
 use outpost_proto::DesiredState;
-use outpost_proto::Event;
+use outpost_proto::{Event, EventKind};
 
-use crate::store::{Device, Store, StoreError};
+use crate::store::{Device, Refusal, Store, StoreError};
 
 /// While a view is stale, a further gap asks again for a full report only
 /// after this long: the first request may have been lost, but a burst of
@@ -130,6 +130,9 @@ pub fn store_events(store: &Store, id: &str, batch: &EventBatch, now: u64) -> Re
         device.event_seq = device.event_seq.max(newest);
         for event in &fresh {
             crate::rollout::observe_event(&mut device.rollouts, &event.kind);
+            if let EventKind::Refused { generation, reason } = &event.kind {
+                device.refused = Some(Refusal { generation: *generation, reason: reason.clone() });
+            }
         }
     })?;
     Ok(fresh.len())

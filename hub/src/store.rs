@@ -66,6 +66,15 @@ pub struct Device {
     pub workloads: BTreeMap<String, WorkloadReport>,
     /// Per deployment rolled out to it: the revision sent and how it went.
     pub rollouts: BTreeMap<String, Sent>,
+    /// The last desired state the device refused (its signatures did not verify).
+    pub refused: Option<Refusal>,
+}
+
+/// A desired state a device refused, and why, from its `refused` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub generation: u64,
+    pub reason: String,
 }
 
 /// What the rollout engine reads of every device once a second: the

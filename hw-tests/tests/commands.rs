@@ -28,9 +28,10 @@ fn site() -> Site {
 }
 
 fn document(generation: u64, command: &str) -> String {
+    let image = testkit::image::busybox_pinned();
     format!(
         "version = 1\ngeneration = {generation}\n[[deployments]]\nname = \"app\"\nrevision = {generation}\n\
-         [[deployments.workloads]]\nname = \"svc\"\nimage = \"busybox:test\"\ncommand = [\"/bin/sh\", \"-c\", {command:?}]\nstop-grace-period = \"100ms\"\n"
+         [[deployments.workloads]]\nname = \"svc\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", {command:?}]\nstop-grace-period = \"100ms\"\n"
     )
 }
 

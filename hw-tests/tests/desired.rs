@@ -13,8 +13,9 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// A workload of busybox running `script`, with fast stop and restarts.
 fn workload(name: &str, script: &str, extra: &str) -> String {
+    let image = testkit::image::busybox_pinned();
     format!(
-        "[[deployments.workloads]]\nname = \"{name}\"\nimage = \"busybox:test\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\nstop-grace-period = \"100ms\"\n{extra}\n"
+        "[[deployments.workloads]]\nname = \"{name}\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\nstop-grace-period = \"100ms\"\n{extra}\n"
     )
 }
 
@@ -266,7 +267,9 @@ fn agent_killed_at_random_moments_while_applying_always_converges_to_the_newest_
         counts.insert(generation, count);
         let workloads: Vec<String> = wanted(generation, count).iter().map(|(n, c)| workload(n, c, "")).collect();
         let file = agent.data.path().join("round.toml");
-        std::fs::write(&file, document(generation, &[("app", generation, "", &workloads)])).unwrap();
+        let signed =
+            testkit::trust::operator().sign_document(&document(generation, &[("app", generation, "", &workloads)]));
+        std::fs::write(&file, signed).unwrap();
         let mut apply = agent
             .command()
             .args(["apply", "-f", file.to_str().unwrap()])

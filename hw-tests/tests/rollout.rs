@@ -42,19 +42,11 @@ fn deployment(script: &str) -> Value {
         "strategy": { "waves": ["1", "100%"], "min-healthy": "1s", "max-failure-ratio": 0.1,
                       "on-failure": "rollback", "device-timeout": "60s" },
         "workloads": [{
-            "name": "svc", "image": busybox_pinned(), "command": ["/bin/sh", "-c", script],
+            "name": "svc", "image": testkit::image::busybox_pinned(), "command": ["/bin/sh", "-c", script],
             "stop-grace-period": "100ms",
             "restart": { "backoff-initial": "100ms", "crash-loop-threshold": 2 },
         }],
     })
-}
-
-/// The busybox image the agents imported, by digest: the hub pins images,
-/// and this one is in no registry it could ask.
-fn busybox_pinned() -> String {
-    let index = std::fs::read(testkit::image::busybox_layout().join("index.json")).unwrap();
-    let index: Value = serde_json::from_slice(&index).unwrap();
-    format!("{}@{}", testkit::image::BUSYBOX_TAG, index["manifests"][0]["digest"].as_str().unwrap())
 }
 
 impl Fleet {
@@ -71,7 +63,9 @@ impl Fleet {
     fn apply(&self, spec: &Value) {
         let file = self.dir.path().join("app.json");
         std::fs::write(&file, spec.to_string()).unwrap();
-        self.cli(&["apply", "-f", file.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e}"));
+        let key = testkit::trust::operator().deployments_key_path();
+        self.cli(&["apply", "-f", file.to_str().unwrap(), "--key", key.to_str().unwrap()])
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn logs(&self) -> String {

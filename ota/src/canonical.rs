@@ -1,17 +1,19 @@
 //! Canonical JSON, as TUF and OLPC define it: object keys sorted, no
-//! whitespace, integers only, and strings escaping only `"` and `\`. A
-//! signature covers the canonical form of a document's `signed` object, so
-//! the file itself may be pretty-printed or reordered without breaking it.
+//! whitespace, and strings escaping only `"` and `\`. A signature covers the
+//! canonical form of a document's `signed` object, so the file itself may be
+//! pretty-printed or reordered without breaking it.
+//!
+//! One departure: OLPC allows integers only, and TUF metadata has no other
+//! numbers, but a signed deployment carries a workload's `cpus` (`0.5`). A
+//! finite float is written in its shortest form that reads back to the same
+//! `f64` (serde_json's, by ryu), so one value has one spelling whichever
+//! parser (JSON, TOML) read it. NaN and infinities have no JSON form at all.
 
 use serde::Serialize;
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CanonicalError {
-    #[error(
-        "canonical JSON has no floating-point numbers, but the document holds {0}; write it as an integer or a string"
-    )]
-    Float(String),
     #[error("the value cannot be represented as JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -28,12 +30,7 @@ fn write_value(value: &Value, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        Value::Number(n) => {
-            if n.is_f64() {
-                return Err(CanonicalError::Float(n.to_string()));
-            }
-            out.extend_from_slice(n.to_string().as_bytes());
-        }
+        Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
         Value::String(s) => write_string(s, out),
         Value::Array(items) => {
             out.push(b'[');
@@ -108,7 +105,10 @@ mod tests {
     }
 
     #[test]
-    fn floating_point_numbers_are_refused() {
-        assert!(matches!(to_canonical(&json!({"x": 1.5})), Err(CanonicalError::Float(_))));
+    fn floats_are_written_in_their_shortest_form_whichever_parser_read_them() {
+        assert_eq!(canonical(json!([0.5, 1.0, 0.1, 1e21, -2.5e-7])), "[0.5,1.0,0.1,1e+21,-2.5e-7]");
+        let from_toml: toml::Table = toml::from_str("cpus = 0.1").unwrap();
+        let from_json: Value = serde_json::from_str(r#"{"cpus": 0.100}"#).unwrap();
+        assert_eq!(to_canonical(&from_toml).unwrap(), to_canonical(&from_json).unwrap());
     }
 }

@@ -5,6 +5,7 @@
 //! - [`keys`]: Ed25519 keys on ring; a key's id is the SHA-256 of its public key.
 //! - [`canonical`]: canonical JSON, the bytes signatures cover.
 //! - [`metadata`]: TUF-shaped roles (root, targets, snapshot, timestamp).
+//! - [`deployment`]: fleet deployments signed by the root's `deployments` role.
 //! - [`verify`]: threshold signatures, root rotation, anti-rollback, expiry
 //!   with clock skew, size caps, version consistency between roles, and
 //!   target hardware, length and hash checks, all with the clock passed in.
@@ -15,6 +16,7 @@
 //!   not confirm itself healthy within its boot limit.
 
 pub mod canonical;
+pub mod deployment;
 pub mod digest;
 pub mod download;
 mod hex;
@@ -23,6 +25,7 @@ pub mod metadata;
 pub mod slots;
 pub mod verify;
 
+pub use deployment::{sign_deployment, sign_desired, verify_deployment, verify_desired, DeploymentError};
 pub use digest::{Digest, DigestParseError, Hasher, HashingReader, HashingWriter};
 pub use download::{fetch, Download, DownloadError, RetryPolicy};
 pub use keys::{KeyError, PublicKey, SigningKey};

@@ -25,6 +25,9 @@ pub enum RoleType {
     Targets,
     Snapshot,
     Timestamp,
+    /// The operator's keys for fleet deployments (see [`crate::deployment`]).
+    /// Optional in a root: one without it trusts no deployment.
+    Deployments,
 }
 
 impl fmt::Display for RoleType {
@@ -34,6 +37,7 @@ impl fmt::Display for RoleType {
             RoleType::Targets => "targets",
             RoleType::Snapshot => "snapshot",
             RoleType::Timestamp => "timestamp",
+            RoleType::Deployments => "deployments",
         })
     }
 }
@@ -53,14 +57,8 @@ pub struct Signed<T> {
     pub signatures: Vec<Signature>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Signature {
-    /// The signing key's id (hex SHA-256 of its public key).
-    pub keyid: String,
-    /// The Ed25519 signature, lowercase hex.
-    pub sig: String,
-}
+/// Shared with the deployments of a desired state, which `outpost-proto` defines.
+pub use outpost_proto::Signature;
 
 impl<T: Serialize> Signed<T> {
     pub fn new(signed: T) -> Self {

@@ -35,6 +35,33 @@ pub struct Deployment {
     pub rollback_window: Duration,
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
+    /// Names of workloads the hub left out on this device because a
+    /// deployment of higher priority owns them. Not signed: the hub decides
+    /// it per device, and it can only take workloads away.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
+    /// The operator's signatures over this deployment without `signatures`
+    /// and `excluded` (docs/trust.md, "Signed deployments").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<Signature>,
+}
+
+/// A signature over a document's canonical JSON, as TUF metadata carries it.
+/// Here, not in `ota`, so that both the documents and the trust crate use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signature {
+    /// The signing key's id (hex SHA-256 of its public key).
+    pub keyid: String,
+    /// The Ed25519 signature, lowercase hex.
+    pub sig: String,
+}
+
+impl Deployment {
+    /// The workloads this device runs for the deployment: all but the excluded.
+    pub fn active_workloads(&self) -> impl Iterator<Item = &WorkloadSpec> {
+        self.workloads.iter().filter(|w| !self.excluded.contains(&w.name))
+    }
 }
 
 fn default_rollback_window() -> Duration {
@@ -88,6 +115,9 @@ impl DesiredState {
         let mut deployments = BTreeSet::new();
         let mut workloads = BTreeSet::new();
         for d in &self.deployments {
+            if let Some(name) = d.excluded.iter().find(|name| !d.workloads.iter().any(|w| &&w.name == name)) {
+                return invalid(format!("deployment `{}` excludes workload `{name}`, which it does not have", d.name));
+            }
             if !crate::workload::valid_name(&d.name) {
                 return invalid(format!("deployment name {:?} is not valid (a-z, 0-9, `_`, `.`, `-`)", d.name));
             }
@@ -96,6 +126,9 @@ impl DesiredState {
             }
             for w in &d.workloads {
                 w.validate().map_err(|source| DesiredStateError::Workload { deployment: d.name.clone(), source })?;
+            }
+            // A name may appear in several deployments when all but one exclude it.
+            for w in d.active_workloads() {
                 if !workloads.insert(w.name.as_str()) {
                     return invalid(format!(
                         "workload `{}` appears twice (names are unique on a device, across deployments)",
@@ -162,6 +195,19 @@ update-strategy = "start-first"
         let doc = DOC.replace("name = \"node-exporter\"", "name = \"web\"");
         let err = DesiredState::parse(&doc).unwrap_err().to_string();
         assert!(err.contains("workload `web` appears twice"), "{err}");
+    }
+
+    #[test]
+    fn a_workload_in_two_deployments_is_accepted_when_all_but_one_exclude_it() {
+        let doc = DOC.replace("name = \"node-exporter\"", "name = \"web\"");
+        let mut state: DesiredState = toml::from_str(&doc).unwrap();
+        state.deployments[0].excluded = vec!["web".into()];
+        state.validate().unwrap();
+        assert_eq!(state.deployments[0].active_workloads().count(), 0);
+        assert_eq!(state.deployments[1].active_workloads().count(), 1);
+        state.deployments[0].excluded = vec!["db".into()];
+        let err = state.validate().unwrap_err().to_string();
+        assert!(err.contains("excludes workload `db`, which it does not have"), "{err}");
     }
 
     #[test]

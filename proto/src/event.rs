@@ -20,6 +20,10 @@ pub enum EventKind {
     Applied { generation: u64 },
     /// A desired state was refused; the running state is untouched.
     Rejected { reason: String },
+    /// A desired state was refused because a deployment's signatures do not
+    /// verify against the device's trusted root: it was not stored, the
+    /// running state is untouched.
+    Refused { generation: u64, reason: String },
     /// A deployment's revision was started on the device.
     RevisionStarted { deployment: String, revision: u64 },
     /// Its workloads stayed up and healthy through the rollback window.

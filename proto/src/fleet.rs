@@ -175,6 +175,8 @@ impl DeploymentSpec {
                 revision: 1,
                 rollback_window: self.rollback_window,
                 workloads: self.workloads.clone(),
+                excluded: Vec::new(),
+                signatures: Vec::new(),
             }],
         };
         as_desired.validate()?;

@@ -7,7 +7,7 @@ pub mod size;
 pub mod sync;
 pub mod workload;
 
-pub use desired::{Deployment, DesiredState};
+pub use desired::{Deployment, DesiredState, Signature};
 pub use event::{Event, EventKind};
 pub use fleet::DeploymentSpec;
 pub use size::ByteSize;

@@ -52,13 +52,23 @@ impl Agent {
         let data = tempfile::Builder::new().prefix("outpost-data-").tempdir().expect("temp dir");
         let run = tempfile::Builder::new().prefix("outpost-run-").tempdir().expect("temp dir");
         let cgroup_parent = format!("outpost-test-{}", run.path().file_name().unwrap().to_string_lossy());
-        Self { binary: agent_binary(), data, run, cgroup_parent, extra_args: Vec::new(), daemon: Mutex::new(None) }
+        let mut agent =
+            Self { binary: agent_binary(), data, run, cgroup_parent, extra_args: Vec::new(), daemon: Mutex::new(None) };
+        agent.use_config("");
+        agent
     }
 
-    /// Runs every later command with this configuration file.
+    /// Runs every later command with this configuration file, which trusts
+    /// the test operator's root (`crate::trust`) unless it names its own.
     pub fn use_config(&mut self, toml: &str) {
         let config = self.data.path().join("agent.toml");
-        std::fs::write(&config, toml).expect("writing the agent's configuration");
+        // First, so that it is a top-level key whatever tables follow.
+        let trust = if toml.contains("trust-root") {
+            String::new()
+        } else {
+            format!("trust-root = {:?}\n", crate::trust::operator().root_path())
+        };
+        std::fs::write(&config, trust + toml).expect("writing the agent's configuration");
         self.extra_args = vec!["--config".into(), config.to_str().expect("a UTF-8 path").into()];
     }
 
@@ -203,8 +213,13 @@ impl Agent {
         std::fs::read_to_string(self.data.path().join("daemon.log")).unwrap_or_default()
     }
 
-    /// `apply -f` of a desired-state document.
+    /// `apply -f` of a desired-state document, signed by the test operator first.
     pub fn apply(&self, document: &str) -> Output {
+        self.apply_as_is(&crate::trust::operator().sign_document(document))
+    }
+
+    /// `apply -f` of a document exactly as given: unsigned, or signed by another key.
+    pub fn apply_as_is(&self, document: &str) -> Output {
         let file = self.data.path().join(format!("desired-{}.toml", unique()));
         std::fs::write(&file, document).unwrap();
         self.exec(&["apply", "-f", file.to_str().unwrap()])

@@ -122,10 +122,11 @@ impl Hub {
             .expect("cannot run hub")
     }
 
-    /// Sets a device's desired state from a document's text; panics when refused.
+    /// Sets a device's desired state from a document's text, signed by the
+    /// test operator (`crate::trust`); panics when refused.
     pub fn set_desired(&self, device: &str, document: &str) {
-        let file = self.data.path().join(format!("desired-{device}.toml"));
-        std::fs::write(&file, document).unwrap();
+        let file = self.data.path().join(format!("desired-{device}.json"));
+        std::fs::write(&file, crate::trust::operator().sign_document(document)).unwrap();
         let out = self.cli(&["set-desired", device, "-f", file.to_str().unwrap()]);
         assert!(out.status.success(), "set-desired failed: {}", String::from_utf8_lossy(&out.stderr));
     }

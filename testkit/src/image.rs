@@ -133,6 +133,15 @@ pub fn busybox_layout() -> &'static Path {
 /// The tag the busybox layout carries.
 pub const BUSYBOX_TAG: &str = "busybox:test";
 
+/// The busybox image by its tag and manifest digest, as a signed deployment
+/// must name it; an agent that imported the layout finds it locally.
+pub fn busybox_pinned() -> String {
+    let index = std::fs::read(busybox_layout().join("index.json")).expect("the busybox layout's index.json");
+    let index: serde_json::Value = serde_json::from_slice(&index).expect("index.json is JSON");
+    let digest = index["manifests"][0]["digest"].as_str().expect("index.json names its manifest");
+    format!("{BUSYBOX_TAG}@{digest}")
+}
+
 pub fn busybox_config() -> RunConfig {
     RunConfig { cmd: vec!["/bin/sh".into()], env: vec!["PATH=/bin".into()], ..Default::default() }
 }

@@ -11,6 +11,7 @@ pub mod layers;
 pub mod mosquitto;
 pub mod proxy;
 pub mod registry;
+pub mod trust;
 pub mod tuf;
 
 pub use fleet::{FailureScript, SimSpec, SimulatedFleet};

@@ -41,12 +41,12 @@ fn apply_without_daemon(config: &Config, supervisor: Supervisor, state: &Desired
     let (store, _) = Store::open(&config.data_dir.join("store"), config.store_cache.0)
         .context("cannot open the agent's store (is a daemon starting?)")?;
     let store = Arc::new(store);
-    match daemon::apply(&store, state) {
+    match daemon::apply(&store, &config.trust_root, state) {
         Ok(true) => println!("generation {} applied (no agent running: converging once now)", state.generation),
         Ok(false) => println!("generation {} was already applied; converging", state.generation),
         Err(e) => bail!("refused: {e}"),
     }
-    let mut core = Core::new(store, supervisor, config.pull_options());
+    let mut core = Core::new(store, supervisor, config.pull_options(), config.trust_root.clone());
     while core.pass() {}
     Ok(())
 }

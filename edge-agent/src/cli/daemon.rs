@@ -55,7 +55,7 @@ pub fn run(config: &Config, supervisor: Supervisor) -> anyhow::Result<()> {
         tracing::info!(device = %config.device_id, "agent running; workloads keep running when it stops");
         let store = Arc::new(store);
         update::health::settle(&agent, &store);
-        let mut core = Core::new(store.clone(), supervisor.clone(), config.pull_options());
+        let mut core = Core::new(store.clone(), supervisor.clone(), config.pull_options(), config.trust_root.clone());
         if !config.hub_http.is_empty() {
             core = core.with_updater(Arc::new(Updater::from_config(config, agent.clone())));
         }

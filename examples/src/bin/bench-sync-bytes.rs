@@ -18,9 +18,11 @@ const DEVICE: &str = "bench-device";
 const TOKEN: &str = "bench-token";
 
 fn document(generation: u64) -> String {
+    // Signed by testkit's operator in `set_desired`: the image must be pinned.
+    let image = testkit::image::busybox_pinned();
     format!(
         "version = 1\ngeneration = {generation}\n[[deployments]]\nname = \"app\"\nrevision = {generation}\n\
-         [[deployments.workloads]]\nname = \"svc\"\nimage = \"busybox:test\"\ncommand = [\"/bin/sleep\", \"{}\"]\nstop-grace-period = \"100ms\"\n",
+         [[deployments.workloads]]\nname = \"svc\"\nimage = \"{image}\"\ncommand = [\"/bin/sleep\", \"{}\"]\nstop-grace-period = \"100ms\"\n",
         600 + generation
     )
 }

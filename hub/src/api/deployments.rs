@@ -7,11 +7,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use outpost_proto::fleet::{valid_name, DeploymentSpec, DeploymentStatus};
+use outpost_proto::Signature;
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
 use crate::rollout::pin::{self, PinError};
-use crate::rollout::{policy, DeploymentRecord, NotNow, Revision};
+use crate::rollout::{self, policy, DeploymentRecord, NotNow, Revision};
 
 pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Vec<DeploymentStatus>>, ApiError> {
     Ok(Json(state.engine.statuses().await?))
@@ -25,6 +26,33 @@ pub(super) async fn show(
     state.engine.status(&name).await?.map(Json).ok_or_else(|| no_deployment(&name))
 }
 
+/// A signed apply: the spec, and the operator's signatures over its
+/// deployment as revision `revision`, the one the hub will assign.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignedApply {
+    spec: DeploymentSpec,
+    revision: u64,
+    signatures: Vec<Signature>,
+}
+
+/// A signed apply's revision and signatures.
+type Signing = (u64, Vec<Signature>);
+
+/// The body is a spec (unsigned), or `{"spec", "revision", "signatures"}`.
+fn parse_apply(body: &[u8]) -> Result<(DeploymentSpec, Option<Signing>), ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the deployment is not valid JSON: {e}")))?;
+    if value.get("spec").is_some() {
+        let signed: SignedApply = serde_json::from_value(value)
+            .map_err(|e| ApiError::BadRequest(format!("the signed deployment is not valid: {e}")))?;
+        return Ok((signed.spec, Some((signed.revision, signed.signatures))));
+    }
+    let spec = serde_json::from_value(value)
+        .map_err(|e| ApiError::BadRequest(format!("the deployment is not valid JSON of a deployment: {e}")))?;
+    Ok((spec, None))
+}
+
 /// Stores the spec as a new revision (unless it is the newest already) and starts its rollout.
 pub(super) async fn put(
     State(state): State<AppState>,
@@ -32,8 +60,7 @@ pub(super) async fn put(
     body: Bytes,
 ) -> Result<Json<DeploymentStatus>, ApiError> {
     check_name(&name)?;
-    let mut spec: DeploymentSpec = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("the deployment is not valid JSON of a deployment: {e}")))?;
+    let (mut spec, signed) = parse_apply(&body)?;
     if spec.name != name {
         return Err(ApiError::BadRequest(format!(
             "the deployment is named {:?}, not {name:?} as in the URL",
@@ -43,18 +70,56 @@ pub(super) async fn put(
     spec.validate().map_err(|e| ApiError::BadRequest(format!("deployment {name:?}: {e}")))?;
     policy::admit(&state.admission.policy, &spec)
         .map_err(|refusal| ApiError::Forbidden(format!("deployment {name:?} refused: {refusal}")))?;
-    // Pinned before storing, so a tag that moves later changes no revision.
-    pin::pin_images(&mut spec, &state.admission.registries).await.map_err(|e| match e {
-        PinError::InvalidReference { .. } | PinError::NotFound { .. } => {
-            ApiError::BadRequest(format!("deployment {name:?}: {e}"))
+    match &signed {
+        // The hub must not change a signed document, so it cannot pin it: the CLI pins before signing.
+        Some((revision, signatures)) => {
+            if let Some(w) = spec.workloads.iter().find(|w| !ota::deployment::pinned(&w.image)) {
+                return Err(ApiError::BadRequest(format!(
+                    "deployment {name:?}: workload {:?} image {:?} is not pinned by digest, and the hub cannot pin \
+                     a signed deployment without breaking its signature: pin it before signing (`hub apply --key` \
+                     does)",
+                    w.name, w.image
+                )));
+            }
+            if let Some(root) = &state.admission.trust {
+                let deployment = rollout::deployment(&spec, *revision, signatures.clone());
+                ota::verify_deployment(&deployment, root)
+                    .map_err(|e| ApiError::BadRequest(format!("{e}; devices would refuse it: sign it again")))?;
+            }
         }
-        PinError::Unresolved { .. } => ApiError::Upstream(format!("deployment {name:?}: {e}")),
-    })?;
+        // Pinned before storing, so a tag that moves later changes no revision.
+        None => pin::pin_images(&mut spec, &state.admission.registries).await.map_err(|e| match e {
+            PinError::InvalidReference { .. } | PinError::NotFound { .. } => {
+                ApiError::BadRequest(format!("deployment {name:?}: {e}"))
+            }
+            PinError::Unresolved { .. } => ApiError::Upstream(format!("deployment {name:?}: {e}")),
+        })?,
+    }
     let now = crate::sync::now_ms();
-    let new = state.store.update_deployment(&name, |old| {
-        let (record, new) = DeploymentRecord::apply(old, spec.clone(), now);
-        (Some(record), new)
+    let outcome = state.store.update_deployment(&name, |old| {
+        let signatures = match &signed {
+            None => Vec::new(),
+            Some((revision, signatures)) => {
+                // The same spec again is the newest revision; any other is the next one.
+                let expected = match &old {
+                    Some(record) if record.newest().spec == spec => record.newest().revision,
+                    _ => DeploymentRecord::next_revision(old.as_ref()),
+                };
+                if *revision != expected {
+                    let error = ApiError::Conflict(format!(
+                        "deployment {name:?}: the signatures are for revision {revision}, but this spec would be \
+                         revision {expected}: the deployment moved on meanwhile; sign it again (`hub apply --key` \
+                         reads the newest revision)"
+                    ));
+                    return (old, Err(error));
+                }
+                signatures.clone()
+            }
+        };
+        let (record, new) = DeploymentRecord::apply(old, spec.clone(), signatures, now);
+        (Some(record), Ok(new))
     })?;
+    let new = outcome?;
     state.store.flush().await?;
     if new {
         tracing::info!(deployment = %name, "an operator applied a new revision");

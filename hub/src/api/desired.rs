@@ -27,6 +27,10 @@ pub(super) async fn put(
         return Err(ApiError::BadRequest("the desired state must be a JSON object".into()));
     }
     let desired = DesiredState::parse(text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if let Some(root) = &state.admission.trust {
+        ota::verify_desired(&desired, root)
+            .map_err(|e| ApiError::BadRequest(format!("{e}; devices would refuse it: sign it again")))?;
+    }
     if let Some(device) = state.store.device(&id)?.filter(|d| !d.rollouts.is_empty()) {
         let names: Vec<&str> = device.rollouts.keys().map(String::as_str).collect();
         return Err(ApiError::Conflict(format!(

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{check_id, no_device, ApiError, AppState};
 use crate::registry;
-use crate::store::Device;
+use crate::store::{Device, Refusal};
 
 /// A device as the API shows it. Times are Unix milliseconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +39,9 @@ pub struct DeviceView {
     /// asked for: `workloads` may be out of date.
     pub stale: bool,
     pub workloads: Vec<WorkloadReport>,
+    /// The last desired state the device refused because its signatures did not verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refusal>,
 }
 
 impl DeviceView {
@@ -58,6 +61,7 @@ impl DeviceView {
             store_reset_at: device.store_reset_at,
             stale: device.stale,
             workloads: device.workloads.into_values().collect(),
+            refused: device.refused,
         }
     }
 }

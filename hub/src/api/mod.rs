@@ -39,6 +39,8 @@ struct AppState {
 
 /// What a deployment must pass before it is stored.
 pub(crate) struct Admission {
+    /// The operator's root, from `trust-root`: signed deployments are checked against it.
+    pub trust: Option<ota::metadata::Root>,
     pub policy: Policy,
     pub registries: Registries,
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 
 use outpost_proto::sync::Command;
-use outpost_proto::DesiredState;
+use outpost_proto::{DesiredState, Signature};
 use reqwest::{RequestBuilder, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -134,6 +134,17 @@ impl ApiClient {
 
     pub async fn apply(&self, spec: &DeploymentSpec) -> Result<DeploymentStatus, ClientError> {
         self.send(self.http.put(self.v1(&["deployments", &spec.name])).json(spec)).await
+    }
+
+    /// Applies `spec` signed as revision `revision` (docs/hub-api.md).
+    pub async fn apply_signed(
+        &self,
+        spec: &DeploymentSpec,
+        revision: u64,
+        signatures: &[Signature],
+    ) -> Result<DeploymentStatus, ClientError> {
+        let body = serde_json::json!({ "spec": spec, "revision": revision, "signatures": signatures });
+        self.send(self.http.put(self.v1(&["deployments", &spec.name])).json(&body)).await
     }
 
     pub async fn deployments(&self) -> Result<Vec<DeploymentStatus>, ClientError> {

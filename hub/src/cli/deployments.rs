@@ -9,12 +9,22 @@ use outpost_proto::fleet::{DeploymentSpec, DeploymentStatus, RolloutState};
 use reqwest::StatusCode;
 
 use super::client::{ApiClient, ClientError};
+use crate::rollout::{self, pin, pin::Registries};
 
 #[derive(clap::Args)]
 pub struct ApplyArgs {
     /// The deployment: TOML, YAML (.yaml, .yml) or JSON (.json).
     #[arg(short, long)]
     file: PathBuf,
+    /// Sign the deployment with this operator deployments key (PKCS#8 DER,
+    /// `ota keygen`), here: the key never goes to the hub. Repeat for a
+    /// threshold of several keys. Images are pinned by digest first.
+    #[arg(long)]
+    key: Vec<PathBuf>,
+    /// A registry (`host:port`) to ask over plain HTTP when pinning images
+    /// before signing, as the hub's `insecure-registries`.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -58,7 +68,8 @@ pub async fn apply(client: &ApiClient, args: ApplyArgs) -> anyhow::Result<()> {
         Err(ClientError::Api { status: StatusCode::NOT_FOUND, .. }) => None,
         Err(e) => return Err(e.into()),
     };
-    let status = client.apply(&spec).await?;
+    let status =
+        if args.key.is_empty() { client.apply(&spec).await? } else { apply_signed(client, spec, &args).await? };
     let rollout = &status.rollout;
     if before == Some(status.revision) {
         println!("{}: unchanged, revision {} ({})", status.name, status.revision, state(rollout.state));
@@ -73,6 +84,35 @@ pub async fn apply(client: &ApiClient, args: ApplyArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Pins the images, signs the deployment as the revision the hub will give
+/// it (the newest again when the spec is the newest's, else the next), and
+/// sends spec and signatures.
+async fn apply_signed(
+    client: &ApiClient,
+    mut spec: DeploymentSpec,
+    args: &ApplyArgs,
+) -> anyhow::Result<DeploymentStatus> {
+    let keys = args.key.iter().map(|path| super::set_desired::load_key(path)).collect::<anyhow::Result<Vec<_>>>()?;
+    let registries = Registries { insecure: args.insecure_registries.clone() };
+    pin::pin_images(&mut spec, &registries).await.with_context(|| format!("cannot pin the images of {}", spec.name))?;
+    let revisions = match client.revisions(&spec.name).await {
+        Ok(revisions) => revisions,
+        Err(ClientError::Api { status: StatusCode::NOT_FOUND, .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let revision = match revisions.last() {
+        Some(newest) if newest.spec == spec => newest.revision,
+        Some(newest) => newest.revision + 1,
+        None => 1,
+    };
+    let mut deployment = rollout::deployment(&spec, revision, Vec::new());
+    for key in &keys {
+        ota::sign_deployment(&mut deployment, key)
+            .with_context(|| format!("cannot sign {} revision {revision}", spec.name))?;
+    }
+    Ok(client.apply_signed(&spec, revision, &deployment.signatures).await?)
 }
 
 pub async fn list(client: &ApiClient, args: ListArgs) -> anyhow::Result<()> {

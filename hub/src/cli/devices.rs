@@ -44,19 +44,20 @@ fn row(d: &DeviceView, now: u64) -> [String; 6] {
         None => "never".into(),
     };
     let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    [
-        d.id.clone(),
-        if d.online { "yes" } else { "no" }.into(),
-        format!("{}/{}", number(d.generation), number(d.desired_generation)),
-        workloads,
-        last_seen,
-        labels.join(","),
-    ]
+    let mut generation = format!("{}/{}", number(d.generation), number(d.desired_generation));
+    // A refusal the device has since moved past is history, not news.
+    if let Some(refused) = d.refused.as_ref().filter(|r| Some(r.generation) > d.generation) {
+        generation.push_str(&format!(" (refused {})", refused.generation));
+    }
+    [d.id.clone(), if d.online { "yes" } else { "no" }.into(), generation, workloads, last_seen, labels.join(",")]
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::store::Refusal;
 
     #[test]
     fn the_table_aligns_columns_and_shows_reported_over_desired_generation() {
@@ -75,6 +76,7 @@ mod tests {
             store_reset_at: None,
             stale: true,
             workloads: vec![],
+            refused: None,
         };
         let never = DeviceView { id: "new".into(), last_seen: None, generation: None, online: false, ..device.clone() };
         let text = table(&[device, never], 61_000);
@@ -82,5 +84,30 @@ mod tests {
         assert_eq!(lines[0], "ID      ONLINE  GENERATION  WORKLOADS            LAST SEEN  LABELS");
         assert_eq!(lines[1], "pump-3  yes     4/5         0/0 running (stale)  1m ago     site=north");
         assert_eq!(lines[2], "new     no      -/5         0/0 running (stale)  never      site=north");
+    }
+
+    #[test]
+    fn a_refused_generation_newer_than_the_stored_one_is_shown() {
+        let refusal = |generation| Refusal { generation, reason: "bad signature".into() };
+        let device = DeviceView {
+            id: "d".into(),
+            labels: BTreeMap::new(),
+            agent_version: String::new(),
+            first_seen: None,
+            last_seen: None,
+            online: true,
+            generation: Some(4),
+            desired_generation: Some(5),
+            epoch: 0,
+            report_seq: 0,
+            event_seq: 0,
+            store_reset_at: None,
+            stale: false,
+            workloads: vec![],
+            refused: Some(refusal(5)),
+        };
+        assert_eq!(row(&device, 0)[2], "4/5 (refused 5)");
+        let past = DeviceView { refused: Some(refusal(3)), ..device };
+        assert_eq!(row(&past, 0)[2], "4/5");
     }
 }

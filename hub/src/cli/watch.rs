@@ -135,6 +135,7 @@ mod tests {
                     last_exit: None,
                 })
                 .collect(),
+            refused: None,
         }
     }
 

@@ -211,13 +211,14 @@ fn pass(store: &Store, now: u64) -> Result<Pass, StoreError> {
             .iter()
             .filter_map(|&(index, revision)| {
                 let record = &records[index];
-                let spec = &record.revision(revision)?.spec;
+                let stored = record.revision(revision)?;
                 Some(Offer {
                     deployment: &record.name,
                     priority: record.newest().spec.priority,
                     revision,
-                    rollback_window: spec.rollback_window,
-                    workloads: &spec.workloads,
+                    rollback_window: stored.spec.rollback_window,
+                    workloads: &stored.spec.workloads,
+                    signatures: &stored.signatures,
                 })
             })
             .collect();

@@ -1,13 +1,14 @@
 //! A device's desired state from the deployments that target it. Two
 //! deployments that name the same workload conflict: the higher priority
 //! wins (then the name that sorts first), and the conflict is reported,
-//! never resolved silently.
+//! never resolved silently. The loser keeps every workload, the lost ones
+//! listed in `excluded`: its operator's signature covers all of them.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use outpost_proto::fleet::Conflict;
-use outpost_proto::{Deployment, WorkloadSpec};
+use outpost_proto::{Deployment, Signature, WorkloadSpec};
 
 /// One deployment's revision, as due on a device.
 #[derive(Debug, Clone, Copy)]
@@ -17,10 +18,12 @@ pub struct Offer<'a> {
     pub revision: u64,
     pub rollback_window: Duration,
     pub workloads: &'a [WorkloadSpec],
+    pub signatures: &'a [Signature],
 }
 
 /// The deployments of the device's desired state, in the order they won,
-/// and the workloads they lost.
+/// and the workloads they lost. A deployment that lost every workload is
+/// left out.
 pub fn merge(device: &str, mut offers: Vec<Offer<'_>>) -> (Vec<Deployment>, Vec<Conflict>) {
     offers.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.deployment.cmp(b.deployment)));
     let mut owners: Vec<(&str, &str)> = Vec::new();
@@ -28,12 +31,12 @@ pub fn merge(device: &str, mut offers: Vec<Offer<'_>>) -> (Vec<Deployment>, Vec<
     let mut deployments = Vec::new();
     let mut conflicts = Vec::new();
     for offer in offers {
-        let mut workloads = Vec::new();
+        let mut excluded = Vec::new();
         for workload in offer.workloads {
             if taken.insert(workload.name.as_str()) {
                 owners.push((workload.name.as_str(), offer.deployment));
-                workloads.push(workload.clone());
             } else {
+                excluded.push(workload.name.clone());
                 let winner = owners.iter().find(|(name, _)| *name == workload.name).map_or("", |(_, d)| d);
                 conflicts.push(Conflict {
                     device: device.to_string(),
@@ -43,12 +46,14 @@ pub fn merge(device: &str, mut offers: Vec<Offer<'_>>) -> (Vec<Deployment>, Vec<
                 });
             }
         }
-        if !workloads.is_empty() {
+        if excluded.len() < offer.workloads.len() {
             deployments.push(Deployment {
                 name: offer.deployment.to_string(),
                 revision: offer.revision,
                 rollback_window: offer.rollback_window,
-                workloads,
+                workloads: offer.workloads.to_vec(),
+                excluded,
+                signatures: offer.signatures.to_vec(),
             });
         }
     }
@@ -73,11 +78,12 @@ mod tests {
             revision: 3,
             rollback_window: Duration::from_secs(60),
             workloads,
+            signatures: &[],
         };
         let (deployments, conflicts) = merge("cam-1", vec![offer("app", 10, &app[..]), offer("base", 0, &base[..])]);
         let names: Vec<(&str, Vec<&str>)> = deployments
             .iter()
-            .map(|d| (d.name.as_str(), d.workloads.iter().map(|w| w.name.as_str()).collect()))
+            .map(|d| (d.name.as_str(), d.active_workloads().map(|w| w.name.as_str()).collect()))
             .collect();
         assert_eq!(names, [("app", vec!["cam", "logs"]), ("base", vec!["metrics"])]);
         assert_eq!(
@@ -90,6 +96,29 @@ mod tests {
     }
 
     #[test]
+    fn the_loser_keeps_its_workloads_and_signatures_with_the_lost_ones_excluded() {
+        let base = [workload("metrics", "node-exporter:1"), workload("logs", "fluent-bit:2")];
+        let app = [workload("logs", "app-logs:1")];
+        let signatures = [Signature { keyid: "k".into(), sig: "s".into() }];
+        let offer = |deployment, priority, workloads| Offer {
+            deployment,
+            priority,
+            revision: 2,
+            rollback_window: Duration::from_secs(60),
+            workloads,
+            signatures: &signatures[..],
+        };
+        let (deployments, _) = merge("d", vec![offer("app", 1, &app[..]), offer("base", 0, &base[..])]);
+        let base_deployment = &deployments[1];
+        assert_eq!(base_deployment.workloads, base);
+        assert_eq!(base_deployment.excluded, ["logs"]);
+        assert_eq!(base_deployment.signatures, signatures);
+        assert!(deployments[0].excluded.is_empty());
+        let state = outpost_proto::DesiredState { version: 1, generation: 1, deployments };
+        state.validate().expect("a name in two deployments, excluded from one, is valid");
+    }
+
+    #[test]
     fn a_deployment_left_with_no_workloads_is_left_out() {
         let only = [workload("logs", "fluent-bit:2")];
         let offer = |deployment, priority| Offer {
@@ -98,6 +127,7 @@ mod tests {
             revision: 1,
             rollback_window: Duration::from_secs(60),
             workloads: &only[..],
+            signatures: &[],
         };
         let (deployments, conflicts) = merge("d", vec![offer("a", 1), offer("b", 0)]);
         assert_eq!(deployments.len(), 1);

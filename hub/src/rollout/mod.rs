@@ -16,7 +16,7 @@ pub mod waves;
 
 use outpost_proto::fleet::{DeploymentSpec, RolloutState};
 use outpost_proto::sync::WorkloadReport;
-use outpost_proto::EventKind;
+use outpost_proto::{Deployment, EventKind, Signature};
 use serde::{Deserialize, Serialize};
 
 pub use judge::{Rollout, Sent};
@@ -35,6 +35,30 @@ pub struct Revision {
     pub revision: u64,
     pub created_at: u64,
     pub spec: DeploymentSpec,
+    /// The operator's signatures over this revision's deployment as devices
+    /// get it (see `deployment`); none for an unsigned apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<Signature>,
+}
+
+impl Revision {
+    /// The deployment a device gets for this revision, with all its
+    /// workloads: what the operator signs and the device verifies.
+    pub fn deployment(&self) -> Deployment {
+        deployment(&self.spec, self.revision, self.signatures.clone())
+    }
+}
+
+/// Revision `revision` of `spec` as a device's desired state carries it.
+pub fn deployment(spec: &DeploymentSpec, revision: u64, signatures: Vec<Signature>) -> Deployment {
+    Deployment {
+        name: spec.name.clone(),
+        revision,
+        rollback_window: spec.rollback_window,
+        workloads: spec.workloads.clone(),
+        excluded: Vec::new(),
+        signatures,
+    }
 }
 
 impl DeploymentRecord {
@@ -46,18 +70,25 @@ impl DeploymentRecord {
         self.revisions.iter().find(|r| r.revision == revision)
     }
 
-    /// Stores `spec` as a new revision and starts rolling it out, unless it
-    /// is the newest revision already; returns whether it was new.
-    pub fn apply(record: Option<Self>, spec: DeploymentSpec, now: u64) -> (Self, bool) {
+    /// The revision a new spec would get.
+    pub fn next_revision(record: Option<&Self>) -> u64 {
+        record.map_or(1, |r| r.newest().revision + 1)
+    }
+
+    /// Stores `spec` (with its signatures for the next revision) as a new
+    /// revision and starts rolling it out, unless it is the newest revision
+    /// already; returns whether it was new.
+    pub fn apply(record: Option<Self>, spec: DeploymentSpec, signatures: Vec<Signature>, now: u64) -> (Self, bool) {
         let Some(mut record) = record else {
             let (name, rollout) = (spec.name.clone(), Rollout::start(1, None, now));
-            return (Self { name, revisions: vec![Revision { revision: 1, created_at: now, spec }], rollout }, true);
+            let revision = Revision { revision: 1, created_at: now, spec, signatures };
+            return (Self { name, revisions: vec![revision], rollout }, true);
         };
         if record.newest().spec == spec {
             return (record, false);
         }
         let revision = record.newest().revision + 1;
-        record.revisions.push(Revision { revision, created_at: now, spec });
+        record.revisions.push(Revision { revision, created_at: now, spec, signatures });
         record.rollout = Rollout::start(revision, Some(record.effective_revision()).filter(|&r| r > 0), now);
         (record, true)
     }
@@ -171,8 +202,15 @@ pub fn observe_workloads(sent: &mut std::collections::BTreeMap<String, Sent>, wo
 }
 
 /// Follows a device's events: a revision that failed, or that the device
-/// rolled back from, failed.
+/// rolled back from, failed; so did the revisions first sent in a desired
+/// state the device refused (their signatures did not verify).
 pub fn observe_event(sent: &mut std::collections::BTreeMap<String, Sent>, event: &EventKind) {
+    if let EventKind::Refused { generation, reason } = event {
+        for sent in sent.values_mut().filter(|s| s.generation == *generation) {
+            sent.failed.get_or_insert_with(|| format!("the device refused the desired state: {reason}"));
+        }
+        return;
+    }
     let (deployment, revision, why) = match event {
         EventKind::Failed { deployment, revision, workload, reason } => {
             (deployment, *revision, format!("workload {workload} failed: {reason}"))
@@ -199,16 +237,16 @@ mod tests {
 
     #[test]
     fn each_change_makes_a_revision_rolled_out_from_the_one_before_and_the_same_spec_none() {
-        let (record, new) = DeploymentRecord::apply(None, spec("web:1"), 10);
+        let (record, new) = DeploymentRecord::apply(None, spec("web:1"), vec![], 10);
         assert!(new);
         assert_eq!((record.rollout.revision, record.rollout.previous), (1, None));
-        let (record, new) = DeploymentRecord::apply(Some(record), spec("web:1"), 20);
+        let (record, new) = DeploymentRecord::apply(Some(record), spec("web:1"), vec![], 20);
         assert!(!new);
-        let (mut record, new) = DeploymentRecord::apply(Some(record), spec("web:2"), 30);
+        let (mut record, new) = DeploymentRecord::apply(Some(record), spec("web:2"), vec![], 30);
         assert!(new);
         assert_eq!((record.rollout.revision, record.rollout.previous, record.revisions.len()), (2, Some(1), 2));
         record.rollout.state = RolloutState::RolledBack;
-        let (record, _) = DeploymentRecord::apply(Some(record), spec("web:3"), 40);
+        let (record, _) = DeploymentRecord::apply(Some(record), spec("web:3"), vec![], 40);
         assert_eq!(record.rollout.previous, Some(1), "after a rollback devices run 1, not 2");
     }
 

@@ -43,7 +43,7 @@ async fn bad_input_gets_a_4xx_with_a_json_error_saying_what_is_wrong() {
         (400, hub.get("/v1/devices/a+b").await.1, "device id \"a+b\" is not valid"),
         (404, hub.get("/v1/devices/nobody").await.1, "no device \"nobody\""),
         (404, hub.get("/v1/devices/nobody/desired").await.1, "has no desired state"),
-        (404, hub.get("/v2/devices").await.1, "no endpoint GET /v2/devices"),
+        (404, hub.get("/v3/devices").await.1, "no endpoint GET /v3/devices"),
     ];
     for (expected, body, says) in &cases {
         assert!(error_of(body).contains(says), "expected {expected} saying {says:?}, got {body}");

@@ -12,5 +12,6 @@ mod identity;
 mod mosquitto;
 mod pin;
 mod rollouts;
+mod signed;
 mod support;
 mod sync;

@@ -219,7 +219,7 @@ async fn two_deployments_on_a_device_merge_and_a_shared_workload_goes_to_the_hig
         .map(|d| {
             (
                 d.name.clone(),
-                d.workloads.iter().map(|w| format!("{}={}", w.name, w.image.split('@').next().unwrap())).collect(),
+                d.active_workloads().map(|w| format!("{}={}", w.name, w.image.split('@').next().unwrap())).collect(),
             )
         })
         .collect();
@@ -230,6 +230,8 @@ async fn two_deployments_on_a_device_merge_and_a_shared_workload_goes_to_the_hig
             ("base".to_string(), vec!["metrics=exporter:1".to_string()])
         ]
     );
+    // The loser keeps the workload it lost, excluded: its signature covers it.
+    assert_eq!(desired.state.deployment("base").unwrap().excluded, ["logs"]);
     let (_, status) = hub.get("/v1/deployments/base").await;
     assert_eq!(
         status["conflicts"],

@@ -146,7 +146,7 @@ impl Runtime {
             return step;
         }
         running.phase = Phase::CrashLoop;
-        let workload = running.deployment.workloads.first().map(|w| w.name.clone()).unwrap_or_default();
+        let workload = running.deployment.active_workloads().next().map(|w| w.name.clone()).unwrap_or_default();
         step.outputs.push(Output::Report(self.workloads()));
         step.outputs.push(Output::Event(EventKind::Failed {
             deployment: deployment.to_string(),
@@ -175,7 +175,7 @@ impl Runtime {
                 Phase::CrashLoop => ("crash-loop", CRASH_LOOP_RESTARTS),
                 Phase::Watching | Phase::Healthy | Phase::RolledBack { .. } => ("running", 0),
             };
-            workloads.extend(running.deployment.workloads.iter().map(|w| WorkloadReport {
+            workloads.extend(running.deployment.active_workloads().map(|w| WorkloadReport {
                 name: w.name.clone(),
                 deployment: Some(running.deployment.name.clone()),
                 revision: Some(running.deployment.revision),
@@ -203,6 +203,8 @@ mod tests {
                 .iter()
                 .map(|w| serde_json::from_value(serde_json::json!({ "name": w, "image": "busybox:latest" })).unwrap())
                 .collect(),
+            excluded: Vec::new(),
+            signatures: Vec::new(),
         }
     }
 
