@@ -17,7 +17,7 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
     #[error(
-        "no trusted root to verify deployments with: the store has none and trust-root {path:?} cannot be read \
+        "no trusted root to verify deployments and updates with: the store has none and trust-root {path:?} cannot be read \
          ({source}); write the operator's root.json there (made with `ota new-root`, see docs/trust.md) or point \
          `trust-root` in the agent's config at it"
     )]
@@ -32,20 +32,25 @@ pub enum TrustError {
     Refused(#[from] DeploymentError),
 }
 
-/// The root deployments are verified against: the store's, or else the one
-/// at `path`, checked and stored for next time.
-pub fn trusted_root(store: &Store, path: &Path) -> Result<Root, TrustError> {
+/// What the device trusts, for deployments and updates alike: the store's
+/// root (the newest rotated to) and versions, or the first time the root at
+/// `path`, checked to sign itself and stored for next time.
+pub fn trusted_state(store: &Store, path: &Path) -> Result<TrustedState, TrustError> {
     let versions = store.trusted_versions()?;
     if let Some(bytes) = store.trusted_root()? {
-        let state = TrustedState::new(&bytes, versions).map_err(TrustError::StoredRoot)?;
-        return Ok(state.root().clone());
+        return TrustedState::new(&bytes, versions).map_err(TrustError::StoredRoot);
     }
     let bytes = std::fs::read(path).map_err(|source| TrustError::NoRoot { path: path.to_owned(), source })?;
     let state =
         TrustedState::new(&bytes, versions).map_err(|source| TrustError::BadRoot { path: path.to_owned(), source })?;
     store.set_trust(Some(&bytes), &state.versions())?;
     tracing::info!(root = %path.display(), version = state.root().version, "trusted the operator's root");
-    Ok(state.root().clone())
+    Ok(state)
+}
+
+/// The root deployments are verified against (see [`trusted_state`]).
+pub fn trusted_root(store: &Store, path: &Path) -> Result<Root, TrustError> {
+    Ok(trusted_state(store, path)?.root().clone())
 }
 
 /// Verifies every deployment of `state` against the trusted root.

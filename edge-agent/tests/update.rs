@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use edge_agent::store::Store;
+use edge_agent::trust::TrustError;
 use edge_agent::update::fetch::{Installed, UpdateError, Updater};
 use edge_agent::update::{AgentSlots, BOOTLIMIT};
 use ota::verify::VerifyError;
@@ -176,8 +177,8 @@ async fn rotated_root_is_stored_and_trusted_instead_of_the_configured_one() {
     assert_eq!(store.trusted_versions().unwrap().root, 2);
     // The configured file no longer matters: the store's root is used.
     std::fs::remove_file(&device.updater.trust_root).unwrap();
-    let seeded = edge_agent::update::fetch::seed_root(&store, &device.updater.trust_root).unwrap();
-    assert_eq!(seeded, repo.root_json());
+    let trusted = edge_agent::trust::trusted_state(&store, &device.updater.trust_root).unwrap();
+    assert_eq!(trusted.root().version, 2);
 }
 
 #[tokio::test]
@@ -189,7 +190,7 @@ async fn without_a_trust_root_the_update_is_refused_naming_the_file() {
 
     let err = device.update(&device.store(), "edge-agent").await.unwrap_err();
 
-    assert!(matches!(err, UpdateError::NoTrustRoot { .. }), "{err}");
+    assert!(matches!(err, UpdateError::Trust(TrustError::NoRoot { .. })), "{err}");
     assert!(err.to_string().contains("root.json"), "{err}");
     device.assert_nothing_installed();
 }

@@ -11,15 +11,14 @@ use ota::{Digest, Download, DownloadError, RetryPolicy, Slot, SlotBackend, SlotE
 use super::{AgentSlots, Pending, BOOTLIMIT};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
+use crate::trust::{trusted_state, TrustError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
     #[error("no hub-http is configured: set hub-http (e.g. \"http://hub.local:8080\") to update from the hub")]
     NoHub,
-    #[error("the store has no trust root and {path} cannot be read ({source}): install the operator's root.json there, or set trust-root")]
-    NoTrustRoot { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not a usable trust root: {source}")]
-    BadTrustRoot { path: PathBuf, source: VerifyError },
+    #[error(transparent)]
+    Trust(#[from] TrustError),
     #[error("request to {url} failed: {source}; check hub-http and the link")]
     Request { url: String, source: reqwest::Error },
     #[error("{url} is not there (HTTP 404): the hub publishes no update metadata there; check hub-http")]
@@ -65,22 +64,6 @@ pub struct Updater {
     pub trust_root: PathBuf,
     pub agent: AgentSlots,
     pub max_bytes_per_sec: Option<u64>,
-}
-
-/// The root to start verifying from: the store's (the newest rotated to), or,
-/// the first time, the configured file, which must sign itself and is then
-/// stored. The same rule holds for every signed thing the device checks.
-pub fn seed_root(store: &Store, trust_root: &Path) -> Result<Vec<u8>, UpdateError> {
-    if let Some(root) = store.trusted_root()? {
-        return Ok(root);
-    }
-    let bytes = std::fs::read(trust_root)
-        .map_err(|source| UpdateError::NoTrustRoot { path: trust_root.to_path_buf(), source })?;
-    let versions = store.trusted_versions()?;
-    let state = TrustedState::new(&bytes, versions)
-        .map_err(|source| UpdateError::BadTrustRoot { path: trust_root.to_path_buf(), source })?;
-    store.set_trust(Some(&bytes), &state.versions())?;
-    Ok(bytes)
 }
 
 impl Updater {
@@ -147,8 +130,7 @@ impl Updater {
     /// Walks the TUF order from the trusted root and saves the versions after
     /// each role, so a later run (or a restarted agent) never accepts older.
     async fn refresh_metadata(&self, client: &reqwest::Client, store: &Store) -> Result<TrustedState, UpdateError> {
-        let root = seed_root(store, &self.trust_root)?;
-        let mut state = TrustedState::new(&root, store.trusted_versions()?)?;
+        let mut state = trusted_state(store, &self.trust_root)?;
         loop {
             let next = state.root().version + 1;
             let Some(bytes) = self.get(client, &format!("{next}.root.json"), RoleType::Root).await? else {
