@@ -38,10 +38,13 @@ fn an_agent_enrolled_with_a_one_time_token_runs_its_desired_state_over_mqtts() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already used"));
 
     agent.start_daemon();
-    let document = "version = 1\ngeneration = 1\n[[deployments]]\nname = \"app\"\nrevision = 1\n\
-                    [[deployments.workloads]]\nname = \"svc\"\nimage = \"busybox:test\"\n\
-                    command = [\"/bin/sleep\", \"611\"]\nstop-grace-period = \"100ms\"\n";
-    hub.set_desired(DEVICE, document);
+    let image = testkit::image::busybox_pinned();
+    let document = format!(
+        "version = 1\ngeneration = 1\n[[deployments]]\nname = \"app\"\nrevision = 1\n\
+         [[deployments.workloads]]\nname = \"svc\"\nimage = \"{image}\"\n\
+         command = [\"/bin/sleep\", \"611\"]\nstop-grace-period = \"100ms\"\n"
+    );
+    hub.set_desired(DEVICE, &document);
     let deadline = Instant::now() + WAIT;
     loop {
         let device = hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or_default();

@@ -4,6 +4,7 @@
 mod acl;
 mod api;
 mod artifacts;
+mod broker;
 mod cli;
 mod commands;
 mod epoch;

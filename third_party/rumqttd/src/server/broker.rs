@@ -549,7 +549,9 @@ async fn remote<P: Protocol>(
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        // Outpost patch: a link that failed during CONNECT left its sender
+        // here with no receiver; unwrapping killed the whole listener.
+        sender.try_send(awaiting_will).ok();
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
