@@ -211,6 +211,7 @@ pub async fn run(
     let core = Arc::new(Mutex::new(core));
     let kick = Arc::new(Notify::new());
     let reconciler = tokio::spawn(reconcile_loop(core, kick.clone(), interval));
+    let updates = tokio::spawn(crate::update::deployment::run(store.clone(), updater.clone(), interval));
     let link = hub.map(|settings| {
         let (store, kick, trust_root) = (store.clone(), kick.clone(), trust_root.clone());
         tokio::spawn(async move {
@@ -232,6 +233,7 @@ pub async fn run(
         }
     }
     reconciler.abort();
+    updates.abort();
     if let Some(link) = link {
         link.abort();
     }

@@ -90,6 +90,7 @@ mod tests {
             revision: 2,
             rollback_window: WINDOW,
             workloads: vec![WorkloadSpec::parse("name = \"web\"\nimage = \"web:2\"").unwrap()],
+            update: None,
             excluded: Vec::new(),
             signatures: Vec::new(),
         }

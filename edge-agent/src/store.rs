@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ota::verify::Versions;
-use outpost_proto::{Deployment, DesiredState, Event, EventKind};
+use outpost_proto::{Deployment, DesiredState, Event, EventKind, UpdateOrigin};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -36,6 +36,8 @@ const LAST_EVENT_SEQ_KEY: &[u8] = b"last_event_seq";
 const LAST_REPORT_SEQ_KEY: &[u8] = b"last_report_seq";
 /// Random, made once with the store: report and event numbers count within it.
 const EPOCH_KEY: &[u8] = b"epoch";
+/// The deployment revision whose agent update was last acted on.
+const AGENT_UPDATE_KEY: &[u8] = b"agent_update";
 /// The one key of the `desired` tree.
 const CURRENT_KEY: &[u8] = b"current";
 const SNAPSHOT_FILE: &str = "desired.json";
@@ -456,6 +458,19 @@ impl Store {
 
     pub fn set_confirmed(&self, deployment: &str, revision: u64) -> Result<(), StoreError> {
         self.confirmed.insert(deployment.as_bytes(), encode(&revision))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The deployment revision whose agent update was last acted on
+    /// (installed, found running, or refused): it is not tried again.
+    pub fn agent_update_handled(&self) -> Result<Option<UpdateOrigin>, StoreError> {
+        let bytes = self.meta.get(AGENT_UPDATE_KEY)?;
+        bytes.map(|bytes| decode("agent update", &bytes)).transpose()
+    }
+
+    pub fn set_agent_update_handled(&self, origin: &UpdateOrigin) -> Result<(), StoreError> {
+        self.meta.insert(AGENT_UPDATE_KEY, encode(origin))?;
         self.db.flush()?;
         Ok(())
     }

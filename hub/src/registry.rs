@@ -129,7 +129,7 @@ pub fn store_events(store: &Store, id: &str, batch: &EventBatch, now: u64) -> Re
         seen(device, now);
         device.event_seq = device.event_seq.max(newest);
         for event in &fresh {
-            crate::rollout::observe_event(&mut device.rollouts, &event.kind);
+            crate::rollout::observe_event(&mut device.rollouts, &event.kind, now);
             if let EventKind::Refused { generation, reason } = &event.kind {
                 device.refused = Some(Refusal { generation: *generation, reason: reason.clone() });
             }

@@ -35,6 +35,11 @@ pub struct Deployment {
     pub rollback_window: Duration,
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
+    /// An agent update instead of workloads: the device installs this
+    /// signed target as its own binary (docs/trust.md, "Agent updates in
+    /// rollouts"). Left out when unset, so existing signatures stay valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<AgentUpdate>,
     /// Names of workloads the hub left out on this device because a
     /// deployment of higher priority owns them. Not signed: the hub decides
     /// it per device, and it can only take workloads away.
@@ -44,6 +49,25 @@ pub struct Deployment {
     /// and `excluded` (docs/trust.md, "Signed deployments").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signatures: Vec<Signature>,
+}
+
+/// A TUF target to install as the agent, and the version the operator
+/// expects it to be: the device refuses the target if the repository names
+/// another version, so metadata and deployment must agree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AgentUpdate {
+    pub target: String,
+    pub version: String,
+}
+
+impl AgentUpdate {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.target.trim().is_empty() || self.version.trim().is_empty() {
+            return Err("an agent update needs a `target` (the TUF target's name) and its `version`".into());
+        }
+        Ok(())
+    }
 }
 
 /// A signature over a document's canonical JSON, as TUF metadata carries it.
@@ -114,7 +138,22 @@ impl DesiredState {
         let invalid = |m: String| Err(DesiredStateError::Invalid(m));
         let mut deployments = BTreeSet::new();
         let mut workloads = BTreeSet::new();
+        let mut updates = self.deployments.iter().filter(|d| d.update.is_some()).map(|d| d.name.as_str());
+        if let (Some(first), Some(second)) = (updates.next(), updates.next()) {
+            return invalid(format!(
+                "deployments `{first}` and `{second}` both update the agent: a device runs one agent, so one deployment may carry an update"
+            ));
+        }
         for d in &self.deployments {
+            if let Some(update) = &d.update {
+                update.validate().map_err(|m| DesiredStateError::Invalid(format!("deployment `{}`: {m}", d.name)))?;
+                if !d.workloads.is_empty() {
+                    return invalid(format!(
+                        "deployment `{}` has both an agent update and workloads: put them in two deployments, so each is judged on its own",
+                        d.name
+                    ));
+                }
+            }
             if let Some(name) = d.excluded.iter().find(|name| !d.workloads.iter().any(|w| &&w.name == name)) {
                 return invalid(format!("deployment `{}` excludes workload `{name}`, which it does not have", d.name));
             }
@@ -217,6 +256,25 @@ update-strategy = "start-first"
         let doc = DOC.replace("image = \"web:7\"", "image = \"web:7\"\nuser = \"www-data\"");
         let err = DesiredState::parse(&doc).unwrap_err().to_string();
         assert!(err.contains("deployment `app`") && err.contains("numeric uid"), "{err}");
+    }
+
+    #[test]
+    fn an_agent_update_is_a_deployment_of_its_own_and_one_per_device() {
+        let update = "\n[[deployments]]\nname = \"agent\"\nrevision = 1\nupdate = { target = \"edge-agent-2\", version = \"2.0\" }\n";
+        let state = DesiredState::parse(&format!("{DOC}{update}")).unwrap();
+        let agent = state.deployment("agent").unwrap();
+        assert_eq!(agent.update, Some(AgentUpdate { target: "edge-agent-2".into(), version: "2.0".into() }));
+        let json = serde_json::to_string(&state.deployments[0]).unwrap();
+        assert!(!json.contains("\"update\""), "left out when unset: {json}");
+
+        let twice = format!("{DOC}{update}{}", update.replace("\"agent\"", "\"agent-b\""));
+        let err = DesiredState::parse(&twice).unwrap_err().to_string();
+        assert!(err.contains("`agent` and `agent-b` both update the agent"), "{err}");
+        let with_workloads = DOC.replace("revision = 7\n", "revision = 7\nupdate = { target = \"a\", version = \"1\" }\n");
+        let err = DesiredState::parse(&with_workloads).unwrap_err().to_string();
+        assert!(err.contains("both an agent update and workloads"), "{err}");
+        let err = DesiredState::parse(&format!("{DOC}{}", update.replace("edge-agent-2", ""))).unwrap_err().to_string();
+        assert!(err.contains("needs a `target`"), "{err}");
     }
 
     #[test]

@@ -32,9 +32,33 @@ pub enum EventKind {
     Failed { deployment: String, revision: u64, workload: String, reason: String },
     /// The device returned the deployment to its previous revision by itself.
     RolledBack { deployment: String, from_revision: u64, to_revision: u64, reason: String },
-    /// The agent confirmed itself healthy running the update `target` `version`.
-    Updated { target: String, version: String },
+    /// The agent confirmed itself healthy running the update `target`
+    /// `version`; `from` names the deployment revision that asked for it
+    /// (none for `edge-agent update`).
+    Updated {
+        target: String,
+        version: String,
+        #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+        from: Option<UpdateOrigin>,
+    },
     /// The agent update `target` `version` did not confirm itself healthy in
     /// its boots; the previous agent binary runs again.
-    UpdateRolledBack { target: String, version: String, reason: String },
+    UpdateRolledBack {
+        target: String,
+        version: String,
+        reason: String,
+        #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+        from: Option<UpdateOrigin>,
+    },
+    /// A deployment's agent update was refused before anything was installed
+    /// (metadata, version, hardware or digest); the running agent stays and
+    /// the revision is not tried again.
+    UpdateFailed { target: String, version: String, reason: String, deployment: String, revision: u64 },
+}
+
+/// The deployment revision an agent update was installed for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateOrigin {
+    pub deployment: String,
+    pub revision: u64,
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::desired::DesiredStateError;
+use crate::desired::{AgentUpdate, DesiredStateError};
 use crate::workload::WorkloadSpec;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,7 +30,12 @@ pub struct DeploymentSpec {
     pub rollback_window: Duration,
     #[serde(default)]
     pub strategy: Strategy,
+    #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
+    /// Instead of workloads: an agent update, rolled out in waves like them
+    /// (a device counts healthy once the new agent confirmed itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<AgentUpdate>,
 }
 
 fn default_rollback_window() -> Duration {
@@ -137,7 +142,7 @@ pub enum DeploymentError {
     Name(String),
     #[error("selector key {0:?} is not valid: use 1 to 63 letters, digits, `.`, `_`, `-` or `/`")]
     SelectorKey(String),
-    #[error("the deployment has no workloads: `hub deployment delete NAME` removes a deployment")]
+    #[error("the deployment has no workloads and no agent update: `hub deployment delete NAME` removes a deployment")]
     NoWorkloads,
     #[error("strategy: {0}")]
     Strategy(String),
@@ -153,7 +158,7 @@ impl DeploymentSpec {
         if let Some(key) = self.selector.keys().find(|k| !valid_label_key(k)) {
             return Err(DeploymentError::SelectorKey(key.clone()));
         }
-        if self.workloads.is_empty() {
+        if self.workloads.is_empty() && self.update.is_none() {
             return Err(DeploymentError::NoWorkloads);
         }
         let strategy = &self.strategy;
@@ -175,6 +180,7 @@ impl DeploymentSpec {
                 revision: 1,
                 rollback_window: self.rollback_window,
                 workloads: self.workloads.clone(),
+                update: self.update.clone(),
                 excluded: Vec::new(),
                 signatures: Vec::new(),
             }],

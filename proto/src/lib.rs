@@ -7,8 +7,8 @@ pub mod size;
 pub mod sync;
 pub mod workload;
 
-pub use desired::{Deployment, DesiredState, Signature};
-pub use event::{Event, EventKind};
+pub use desired::{AgentUpdate, Deployment, DesiredState, Signature};
+pub use event::{Event, EventKind, UpdateOrigin};
 pub use fleet::DeploymentSpec;
 pub use size::ByteSize;
 pub use workload::WorkloadSpec;

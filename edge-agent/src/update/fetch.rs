@@ -8,6 +8,8 @@ use ota::metadata::RoleType;
 use ota::verify::{max_size, TrustedState, VerifyError};
 use ota::{Digest, Download, DownloadError, RetryPolicy, Slot, SlotBackend, SlotError};
 
+use outpost_proto::{AgentUpdate, UpdateOrigin};
+
 use super::{AgentSlots, Pending, BOOTLIMIT};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
@@ -39,6 +41,28 @@ pub enum UpdateError {
     Store(#[from] StoreError),
     #[error("cannot {action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("the repository's target {name:?} is version {found}, and the deployment asks for {wanted}: publish the target and sign the deployment for the same version")]
+    VersionMismatch { name: String, found: String, wanted: String },
+}
+
+impl UpdateError {
+    /// Whether trying again later may succeed: the link or the hub was down.
+    /// Everything else is a verdict on what was published.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            UpdateError::Request { .. } | UpdateError::Status { .. } => true,
+            UpdateError::Download(e) => matches!(
+                e,
+                DownloadError::Request { .. }
+                    | DownloadError::Status { .. }
+                    | DownloadError::EndedEarly { .. }
+                    | DownloadError::GaveUp { .. }
+                    | DownloadError::Io { .. }
+            ),
+            UpdateError::Io { .. } | UpdateError::Store(_) => true,
+            _ => false,
+        }
+    }
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpdateError {
@@ -52,6 +76,14 @@ pub struct Installed {
     pub target: String,
     pub version: String,
     pub slot: Slot,
+}
+
+/// What a deployment's agent update came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Installed(Installed),
+    /// The running binary is the target already: nothing to install.
+    AlreadyRunning { version: String },
 }
 
 /// What the update flow needs from the configuration.
@@ -82,6 +114,32 @@ impl Updater {
     /// ever installed, so there is a slot to fall back to. The restart into
     /// the new slot is the caller's.
     pub async fn update(&self, store: &Store, name: &str, running_binary: &Path) -> Result<Installed, UpdateError> {
+        match self.fetch_and_install(store, name, None, running_binary).await? {
+            Outcome::Installed(installed) => Ok(installed),
+            Outcome::AlreadyRunning { .. } => unreachable!("only a deployment's update checks the running binary"),
+        }
+    }
+
+    /// A deployment's agent update: as [`Updater::update`], but the target
+    /// must be the version the signed deployment names, and a running binary
+    /// that already is the target is left alone.
+    pub async fn update_for(
+        &self,
+        store: &Store,
+        update: &AgentUpdate,
+        from: UpdateOrigin,
+        running_binary: &Path,
+    ) -> Result<Outcome, UpdateError> {
+        self.fetch_and_install(store, &update.target, Some((&update.version, from)), running_binary).await
+    }
+
+    async fn fetch_and_install(
+        &self,
+        store: &Store,
+        name: &str,
+        wanted: Option<(&str, UpdateOrigin)>,
+        running_binary: &Path,
+    ) -> Result<Outcome, UpdateError> {
         if self.hub_http.is_empty() {
             return Err(UpdateError::NoHub);
         }
@@ -98,6 +156,30 @@ impl Updater {
         let target = state.target(name, &self.hardware)?.clone();
         let sha256 = Digest::from_hex(&target.sha256)
             .map_err(|_| UpdateError::BadDigest { name: name.into(), sha256: target.sha256.clone() })?;
+        let from = match wanted {
+            Some((version, _)) if version != target.version => {
+                return Err(UpdateError::VersionMismatch {
+                    name: name.into(),
+                    found: target.version,
+                    wanted: version.into(),
+                })
+            }
+            Some((_, from)) => {
+                let running = running_binary.to_path_buf();
+                let digest = tokio::task::spawn_blocking(move || file_digest(&running))
+                    .await
+                    .map_err(|e| UpdateError::Io {
+                        action: "hash",
+                        path: running_binary.to_path_buf(),
+                        source: std::io::Error::other(e),
+                    })??;
+                if digest.0 == sha256 {
+                    return Ok(Outcome::AlreadyRunning { version: target.version });
+                }
+                Some(from)
+            }
+            None => None,
+        };
 
         let downloads = self.agent.download_dir();
         std::fs::create_dir_all(&downloads).map_err(io_error("create", &downloads))?;
@@ -121,10 +203,10 @@ impl Updater {
                 source: std::io::Error::other(e),
             })??;
         let _ = std::fs::remove_file(&download.dest);
-        let pending = Pending { target: name.into(), version: target.version.clone(), slot, failures: Vec::new() };
+        let pending = Pending { target: name.into(), version: target.version.clone(), slot, failures: Vec::new(), from };
         let pending_path = self.agent.pending_path();
         self.agent.set_pending(&pending).map_err(io_error("write", &pending_path))?;
-        Ok(Installed { target: name.into(), version: target.version, slot })
+        Ok(Outcome::Installed(Installed { target: name.into(), version: target.version, slot }))
     }
 
     /// Walks the TUF order from the trusted root and saves the versions after
@@ -194,13 +276,18 @@ fn install(
 ) -> Result<Slot, UpdateError> {
     if agent.env()?.is_none() {
         // Two passes over the file rather than all of it in memory.
-        let open = || std::fs::File::open(running_binary).map_err(io_error("open", running_binary));
-        let mut hashing = ota::HashingReader::new(open()?);
-        std::io::copy(&mut hashing, &mut std::io::sink()).map_err(io_error("read", running_binary))?;
-        let (digest, len) = hashing.finish();
-        agent.slots.write_slot(Slot::A, &mut open()?, len, &digest)?;
+        let (digest, len) = file_digest(running_binary)?;
+        let mut file = std::fs::File::open(running_binary).map_err(io_error("open", running_binary))?;
+        agent.slots.write_slot(Slot::A, &mut file, len, &digest)?;
         agent.slots.write_env(&ota::BootEnv::new(Slot::A, BOOTLIMIT))?;
     }
     let mut file = std::fs::File::open(image).map_err(io_error("open", image))?;
     Ok(ota::install_update(&agent.slots, &mut file, length, sha256)?)
+}
+
+fn file_digest(path: &Path) -> Result<(Digest, u64), UpdateError> {
+    let file = std::fs::File::open(path).map_err(io_error("open", path))?;
+    let mut hashing = ota::HashingReader::new(file);
+    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(io_error("read", path))?;
+    Ok(hashing.finish())
 }

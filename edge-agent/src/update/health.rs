@@ -44,7 +44,7 @@ pub fn settle(agent: &AgentSlots, store: &Store) {
         _ => return,
     };
     let kind = if env.active == pending.slot {
-        EventKind::Updated { target: pending.target.clone(), version: pending.version.clone() }
+        EventKind::Updated { target: pending.target.clone(), version: pending.version.clone(), from: pending.from.clone() }
     } else {
         let reason = pending
             .failures
@@ -52,7 +52,12 @@ pub fn settle(agent: &AgentSlots, store: &Store) {
             .cloned()
             .unwrap_or_else(|| format!("it did not confirm itself healthy within {} boots", super::BOOTLIMIT));
         tracing::error!(target = %pending.target, version = %pending.version, "agent update rolled back: {reason}");
-        EventKind::UpdateRolledBack { target: pending.target.clone(), version: pending.version.clone(), reason }
+        EventKind::UpdateRolledBack {
+            target: pending.target.clone(),
+            version: pending.version.clone(),
+            reason,
+            from: pending.from.clone(),
+        }
     };
     record(agent, store, kind);
 }
@@ -130,9 +135,9 @@ fn confirm(trial: &Trial) {
         return tracing::error!("cannot confirm the agent update: {e}");
     }
     match trial.agent.pending() {
-        Ok(Some(Pending { target, version, .. })) => {
+        Ok(Some(Pending { target, version, from, .. })) => {
             tracing::info!(%target, %version, "agent update confirmed healthy");
-            record(&trial.agent, &trial.store, EventKind::Updated { target, version });
+            record(&trial.agent, &trial.store, EventKind::Updated { target, version, from });
         }
         Ok(None) => tracing::info!("agent update confirmed healthy"),
         Err(e) => tracing::error!("cannot read the pending agent update: {e}"),
@@ -142,6 +147,7 @@ fn confirm(trial: &Trial) {
 #[cfg(test)]
 mod tests {
     use ota::{BootEnv, Slot, SlotBackend};
+    use outpost_proto::UpdateOrigin;
 
     use super::*;
 
@@ -151,6 +157,7 @@ mod tests {
             version: "2.0.0".into(),
             slot: Slot::B,
             failures: failures.iter().map(|f| f.to_string()).collect(),
+            from: Some(UpdateOrigin { deployment: "agent".into(), revision: 4 }),
         }
     }
 
@@ -178,7 +185,8 @@ mod tests {
             [EventKind::UpdateRolledBack {
                 target: "edge-agent".into(),
                 version: "2.0.0".into(),
-                reason: "hub not reached".into()
+                reason: "hub not reached".into(),
+                from: Some(UpdateOrigin { deployment: "agent".into(), revision: 4 }),
             }]
         );
         assert_eq!(agent.pending().unwrap(), None);
@@ -188,7 +196,8 @@ mod tests {
     fn settle_records_an_update_confirmed_before_its_event_was_written() {
         let (_dir, agent, store) = device(BootEnv::new(Slot::B, 3), &pending(&[]));
         settle(&agent, &store);
-        assert_eq!(kinds(&store), [EventKind::Updated { target: "edge-agent".into(), version: "2.0.0".into() }]);
+        let from = Some(UpdateOrigin { deployment: "agent".into(), revision: 4 });
+        assert_eq!(kinds(&store), [EventKind::Updated { target: "edge-agent".into(), version: "2.0.0".into(), from }]);
     }
 
     #[test]

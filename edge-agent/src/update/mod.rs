@@ -15,9 +15,13 @@
 //!   hub the offline self-check passed), or counts a failed boot by starting
 //!   stage 0 again.
 //!
+//! - [`deployment`]: an update that a deployment asks for, acted on once
+//!   per revision, so the hub's rollouts carry agent updates in waves.
+//!
 //! Workloads keep running throughout: their shims are separate processes
 //! that do not care which agent binary runs. Exec keeps the daemon's pid.
 
+pub mod deployment;
 pub mod fetch;
 pub mod health;
 pub mod stage0;
@@ -25,6 +29,7 @@ pub mod stage0;
 use std::path::{Path, PathBuf};
 
 use ota::{FileSlots, Slot, SlotBackend, SlotError};
+use outpost_proto::UpdateOrigin;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::paths::write_atomic;
@@ -42,6 +47,9 @@ pub struct Pending {
     pub slot: Slot,
     /// Why each trial boot so far failed; the last one is the rollback's reason.
     pub failures: Vec<String>,
+    /// The deployment revision that asked for it; none from `edge-agent update`.
+    #[serde(default)]
+    pub from: Option<UpdateOrigin>,
 }
 
 /// The agent's two binary slots and what goes with them.

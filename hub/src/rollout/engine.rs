@@ -218,6 +218,7 @@ fn pass(store: &Store, now: u64) -> Result<Pass, StoreError> {
                     revision,
                     rollback_window: stored.spec.rollback_window,
                     workloads: &stored.spec.workloads,
+                    update: stored.spec.update.as_ref(),
                     signatures: &stored.signatures,
                 })
             })
@@ -247,7 +248,13 @@ fn pass(store: &Store, now: u64) -> Result<Pass, StoreError> {
             for dep in &deployments {
                 let sent = d.rollouts.entry(dep.name.clone()).or_default();
                 if sent.revision != dep.revision {
-                    *sent = Sent { revision: dep.revision, generation, running_since: None, failed: None };
+                    *sent = Sent {
+                        revision: dep.revision,
+                        generation,
+                        running_since: None,
+                        failed: None,
+                        agent_update: dep.update.is_some(),
+                    };
                 }
             }
         })?;

@@ -53,6 +53,9 @@ pub struct Sent {
     /// Why the revision failed on the device (a failed workload, or the
     /// device rolled itself back).
     pub failed: Option<String>,
+    /// The revision is an agent update: events, not workload reports, say
+    /// whether it runs.
+    pub agent_update: bool,
 }
 
 /// What a rollout needs to know of one targeted device.
@@ -213,7 +216,7 @@ mod tests {
     }
 
     fn sent(revision: u64) -> Sent {
-        Sent { revision, generation: 5, running_since: None, failed: None }
+        Sent { revision, generation: 5, ..Sent::default() }
     }
 
     #[test]

@@ -8,7 +8,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use outpost_proto::fleet::Conflict;
-use outpost_proto::{Deployment, Signature, WorkloadSpec};
+use outpost_proto::{AgentUpdate, Deployment, Signature, WorkloadSpec};
+
+/// How a conflict over the device's one agent names what was contested.
+pub const AGENT_UPDATE: &str = "(agent update)";
 
 /// One deployment's revision, as due on a device.
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +21,7 @@ pub struct Offer<'a> {
     pub revision: u64,
     pub rollback_window: Duration,
     pub workloads: &'a [WorkloadSpec],
+    pub update: Option<&'a AgentUpdate>,
     pub signatures: &'a [Signature],
 }
 
@@ -46,12 +50,30 @@ pub fn merge(device: &str, mut offers: Vec<Offer<'_>>) -> (Vec<Deployment>, Vec<
                 });
             }
         }
-        if excluded.len() < offer.workloads.len() {
+        // A device runs one agent: the first update by priority wins it, and
+        // a losing update deployment is left out like one that lost all its
+        // workloads (an update is never excluded, it is the whole deployment).
+        let update = offer.update.filter(|_| {
+            if taken.insert(AGENT_UPDATE) {
+                owners.push((AGENT_UPDATE, offer.deployment));
+                return true;
+            }
+            let winner = owners.iter().find(|(name, _)| *name == AGENT_UPDATE).map_or("", |(_, d)| d);
+            conflicts.push(Conflict {
+                device: device.to_string(),
+                workload: AGENT_UPDATE.to_string(),
+                winner: winner.to_string(),
+                loser: offer.deployment.to_string(),
+            });
+            false
+        });
+        if excluded.len() < offer.workloads.len() || update.is_some() {
             deployments.push(Deployment {
                 name: offer.deployment.to_string(),
                 revision: offer.revision,
                 rollback_window: offer.rollback_window,
                 workloads: offer.workloads.to_vec(),
+                update: update.cloned(),
                 excluded,
                 signatures: offer.signatures.to_vec(),
             });
@@ -78,6 +100,7 @@ mod tests {
             revision: 3,
             rollback_window: Duration::from_secs(60),
             workloads,
+            update: None,
             signatures: &[],
         };
         let (deployments, conflicts) = merge("cam-1", vec![offer("app", 10, &app[..]), offer("base", 0, &base[..])]);
@@ -106,6 +129,7 @@ mod tests {
             revision: 2,
             rollback_window: Duration::from_secs(60),
             workloads,
+            update: None,
             signatures: &signatures[..],
         };
         let (deployments, _) = merge("d", vec![offer("app", 1, &app[..]), offer("base", 0, &base[..])]);
@@ -127,10 +151,39 @@ mod tests {
             revision: 1,
             rollback_window: Duration::from_secs(60),
             workloads: &only[..],
+            update: None,
             signatures: &[],
         };
         let (deployments, conflicts) = merge("d", vec![offer("a", 1), offer("b", 0)]);
         assert_eq!(deployments.len(), 1);
         assert_eq!(conflicts.len(), 1);
+    }
+
+    #[test]
+    fn an_agent_update_goes_to_the_device_alone_and_two_updates_conflict_over_its_one_agent() {
+        let app = [workload("cam", "cam:7")];
+        let (v2, v3) = (
+            AgentUpdate { target: "edge-agent-2".into(), version: "2".into() },
+            AgentUpdate { target: "edge-agent-3".into(), version: "3".into() },
+        );
+        let offer = |deployment, priority, workloads, update| Offer {
+            deployment,
+            priority,
+            revision: 1,
+            rollback_window: Duration::from_secs(60),
+            workloads,
+            update,
+            signatures: &[],
+        };
+        let (deployments, conflicts) = merge(
+            "d",
+            vec![offer("app", 0, &app[..], None), offer("agent", 0, &[][..], Some(&v2)), offer("canary", 5, &[][..], Some(&v3))],
+        );
+        let names: Vec<(&str, Option<&str>)> =
+            deployments.iter().map(|d| (d.name.as_str(), d.update.as_ref().map(|u| u.version.as_str()))).collect();
+        assert_eq!(names, [("canary", Some("3")), ("app", None)]);
+        let expected = Conflict { device: "d".into(), workload: AGENT_UPDATE.into(), winner: "canary".into(), loser: "agent".into() };
+        assert_eq!(conflicts, [expected]);
+        outpost_proto::DesiredState { version: 1, generation: 1, deployments }.validate().unwrap();
     }
 }

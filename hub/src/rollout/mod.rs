@@ -56,6 +56,7 @@ pub fn deployment(spec: &DeploymentSpec, revision: u64, signatures: Vec<Signatur
         revision,
         rollback_window: spec.rollback_window,
         workloads: spec.workloads.clone(),
+        update: spec.update.clone(),
         excluded: Vec::new(),
         signatures,
     }
@@ -182,7 +183,8 @@ impl DeploymentRecord {
 /// Follows a device's report: for each deployment sent to it, whether every
 /// workload of the revision sent runs (and is not unhealthy), or has failed.
 pub fn observe_workloads(sent: &mut std::collections::BTreeMap<String, Sent>, workloads: &[&WorkloadReport], now: u64) {
-    for (deployment, sent) in sent.iter_mut() {
+    // An agent update's health comes from the device's events instead.
+    for (deployment, sent) in sent.iter_mut().filter(|(_, s)| !s.agent_update) {
         let of_revision: Vec<&&WorkloadReport> = workloads
             .iter()
             .filter(|w| w.deployment.as_deref() == Some(deployment) && w.revision == Some(sent.revision))
@@ -203,15 +205,31 @@ pub fn observe_workloads(sent: &mut std::collections::BTreeMap<String, Sent>, wo
 
 /// Follows a device's events: a revision that failed, or that the device
 /// rolled back from, failed; so did the revisions first sent in a desired
-/// state the device refused (their signatures did not verify).
-pub fn observe_event(sent: &mut std::collections::BTreeMap<String, Sent>, event: &EventKind) {
+/// state the device refused (their signatures did not verify). An agent
+/// update runs from the event saying the new agent confirmed itself, and
+/// failed when it was refused or rolled back.
+pub fn observe_event(sent: &mut std::collections::BTreeMap<String, Sent>, event: &EventKind, now: u64) {
     if let EventKind::Refused { generation, reason } = event {
         for sent in sent.values_mut().filter(|s| s.generation == *generation) {
             sent.failed.get_or_insert_with(|| format!("the device refused the desired state: {reason}"));
         }
         return;
     }
+    if let EventKind::Updated { from: Some(from), .. } = event {
+        if let Some(sent) = sent.get_mut(&from.deployment).filter(|s| s.revision == from.revision) {
+            sent.running_since.get_or_insert(now);
+        }
+        return;
+    }
     let (deployment, revision, why) = match event {
+        EventKind::UpdateRolledBack { version, reason, from: Some(from), .. } => (
+            &from.deployment,
+            from.revision,
+            format!("the agent update to {version} did not confirm itself and was rolled back: {reason}"),
+        ),
+        EventKind::UpdateFailed { version, reason, deployment, revision, .. } => {
+            (deployment, *revision, format!("the agent update to {version} was refused: {reason}"))
+        }
         EventKind::Failed { deployment, revision, workload, reason } => {
             (deployment, *revision, format!("workload {workload} failed: {reason}"))
         }
@@ -228,6 +246,8 @@ pub fn observe_event(sent: &mut std::collections::BTreeMap<String, Sent>, event:
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    use outpost_proto::UpdateOrigin;
 
     use super::*;
 
@@ -287,9 +307,44 @@ mod tests {
             to_revision: 1,
             reason: "probe".into(),
         };
-        observe_event(&mut sent, &back(1));
+        observe_event(&mut sent, &back(1), 0);
         assert_eq!(sent["app"].failed, None, "another revision");
-        observe_event(&mut sent, &back(2));
+        observe_event(&mut sent, &back(2), 0);
         assert!(sent["app"].failed.as_deref().unwrap().contains("rolled back"));
+    }
+
+    #[test]
+    fn an_agent_update_runs_from_the_event_of_its_revision_and_fails_when_rolled_back_or_refused() {
+        let update = |revision| Sent { revision, agent_update: true, ..Sent::default() };
+        let mut sent = BTreeMap::from([("agent".to_string(), update(2))]);
+        let from = |revision| Some(UpdateOrigin { deployment: "agent".into(), revision });
+        let updated = |revision| EventKind::Updated { target: "edge-agent".into(), version: "2".into(), from: from(revision) };
+        observe_event(&mut sent, &updated(1), 100);
+        assert_eq!(sent["agent"].running_since, None, "another revision");
+        observe_event(&mut sent, &updated(2), 100);
+        assert_eq!(sent["agent"].running_since, Some(100));
+        observe_workloads(&mut sent, &[], 200);
+        assert_eq!(sent["agent"].running_since, Some(100), "no workloads to report does not stop an update");
+
+        let mut sent = BTreeMap::from([("agent".to_string(), update(2))]);
+        let rolled_back = EventKind::UpdateRolledBack {
+            target: "edge-agent".into(),
+            version: "2".into(),
+            reason: "the hub was not reached".into(),
+            from: from(2),
+        };
+        observe_event(&mut sent, &rolled_back, 100);
+        assert!(sent["agent"].failed.as_deref().unwrap().contains("rolled back: the hub was not reached"));
+
+        let mut sent = BTreeMap::from([("agent".to_string(), update(2))]);
+        let refused = EventKind::UpdateFailed {
+            target: "edge-agent".into(),
+            version: "2".into(),
+            reason: "other hardware".into(),
+            deployment: "agent".into(),
+            revision: 2,
+        };
+        observe_event(&mut sent, &refused, 100);
+        assert!(sent["agent"].failed.as_deref().unwrap().contains("refused: other hardware"));
     }
 }

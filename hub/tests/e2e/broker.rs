@@ -28,7 +28,7 @@ async fn a_device_reset_while_connecting_connects_again_and_so_do_the_others() {
         let mut stream = TcpStream::connect(hub.mqtt).await.unwrap();
         stream.write_all(&connect_packet(id, password)).await.unwrap();
         // Closing with a zero linger sends a reset, before the CONNACK.
-        stream.set_linger(Some(Duration::ZERO)).unwrap();
+        stream.set_zero_linger().unwrap();
         drop(stream);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -203,6 +203,7 @@ mod tests {
                 .iter()
                 .map(|w| serde_json::from_value(serde_json::json!({ "name": w, "image": "busybox:latest" })).unwrap())
                 .collect(),
+            update: None,
             excluded: Vec::new(),
             signatures: Vec::new(),
         }

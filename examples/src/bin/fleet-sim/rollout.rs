@@ -70,6 +70,7 @@ fn deployment() -> DeploymentSpec {
             "command": ["/bin/sleep", "infinity"],
         }))
         .expect("a valid workload")],
+        update: None,
     }
 }
 
