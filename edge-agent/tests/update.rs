@@ -209,3 +209,120 @@ async fn second_update_while_the_first_is_on_trial_is_refused_before_downloading
     assert!(matches!(err, UpdateError::Slot(ota::SlotError::UpgradePending { pending: Slot::B })), "{err}");
     assert_eq!(device.slot(Slot::A).as_deref(), Some(OLD_AGENT), "the fallback slot is untouched");
 }
+
+mod deployment_updates {
+    use edge_agent::update::deployment::{step, Step};
+    use outpost_proto::{AgentUpdate, Deployment, DesiredState, EventKind, UpdateOrigin};
+
+    use super::*;
+
+    /// Stores a desired state whose deployment `agent` revision `revision`
+    /// asks for `target` at `version`, as the daemon would after verifying it.
+    fn ask(store: &Store, revision: u64, target: &str, version: &str) {
+        let update = Some(AgentUpdate { target: target.into(), version: version.into() });
+        let deployment = Deployment {
+            name: "agent".into(),
+            revision,
+            rollback_window: Duration::from_secs(60),
+            workloads: Vec::new(),
+            update,
+            excluded: Vec::new(),
+            signatures: Vec::new(),
+        };
+        store.set_desired(&DesiredState { version: 1, generation: revision, deployments: vec![deployment] }).unwrap();
+    }
+
+    fn events(store: &Store) -> Vec<EventKind> {
+        store.events_after(0, 100).unwrap().into_iter().map(|e| e.kind).collect()
+    }
+
+    fn origin(revision: u64) -> UpdateOrigin {
+        UpdateOrigin { deployment: "agent".into(), revision }
+    }
+
+    #[tokio::test]
+    async fn a_deployments_agent_update_is_installed_once_for_its_revision() {
+        let repo = repo_with_agent(NEW_AGENT, "2.0.0");
+        let server = StaticServer::start(repo.dir()).unwrap();
+        let device = Device::new(&repo, &server);
+        let store = device.store();
+        ask(&store, 3, "edge-agent", "2.0.0");
+
+        let Step::Restart(installed) = step(&store, Some(&device.updater), &device.running_binary).await else {
+            panic!("the update was not installed");
+        };
+        assert_eq!((installed.version.as_str(), installed.slot), ("2.0.0", Slot::B));
+        assert_eq!(device.updater.agent.pending().unwrap().unwrap().from, Some(origin(3)));
+        assert_eq!(store.agent_update_handled().unwrap(), Some(origin(3)));
+
+        // The restarted agent confirmed (or rolled back): the same revision is not installed again.
+        device.updater.agent.clear_pending().unwrap();
+        ota::confirm_boot(&device.updater.agent.slots).unwrap();
+        assert_eq!(step(&store, Some(&device.updater), &device.running_binary).await, Step::Idle);
+        assert!(events(&store).is_empty(), "{:?}", events(&store));
+    }
+
+    #[tokio::test]
+    async fn an_update_whose_target_has_another_version_is_refused_once_and_nothing_is_installed() {
+        let repo = repo_with_agent(NEW_AGENT, "2.0.0");
+        let server = StaticServer::start(repo.dir()).unwrap();
+        let device = Device::new(&repo, &server);
+        let store = device.store();
+        ask(&store, 4, "edge-agent", "2.1.0");
+
+        assert_eq!(step(&store, Some(&device.updater), &device.running_binary).await, Step::Idle);
+        assert_eq!(step(&store, Some(&device.updater), &device.running_binary).await, Step::Idle);
+
+        device.assert_nothing_installed();
+        let events = events(&store);
+        let [EventKind::UpdateFailed { reason, deployment, revision, .. }] = &events[..] else {
+            panic!("one refusal expected: {events:?}");
+        };
+        assert_eq!((deployment.as_str(), *revision), ("agent", 4));
+        assert!(reason.contains("version 2.0.0") && reason.contains("asks for 2.1.0"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_already_runs_the_target_reports_it_updated_without_installing() {
+        let repo = repo_with_agent(OLD_AGENT, "1.0.0");
+        let server = StaticServer::start(repo.dir()).unwrap();
+        let device = Device::new(&repo, &server);
+        let store = device.store();
+        ask(&store, 2, "edge-agent", "1.0.0");
+
+        assert_eq!(step(&store, Some(&device.updater), &device.running_binary).await, Step::Idle);
+
+        device.assert_nothing_installed();
+        let updated = EventKind::Updated { target: "edge-agent".into(), version: "1.0.0".into(), from: Some(origin(2)) };
+        assert_eq!(events(&store), [updated]);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_hub_leaves_the_update_to_try_again_and_records_nothing() {
+        let repo = repo_with_agent(NEW_AGENT, "2.0.0");
+        let server = StaticServer::start(repo.dir()).unwrap();
+        let mut device = Device::new(&repo, &server);
+        drop(server);
+        device.updater.hub_http = format!("http://127.0.0.1:{}", testkit::hub::free_port());
+        let store = device.store();
+        ask(&store, 5, "edge-agent", "2.0.0");
+
+        assert_eq!(step(&store, Some(&device.updater), &device.running_binary).await, Step::RetryLater);
+
+        device.assert_nothing_installed();
+        assert_eq!(store.agent_update_handled().unwrap(), None);
+        assert!(events(&store).is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_hub_http_a_deployments_update_is_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store"), 1 << 20).unwrap().0;
+        ask(&store, 1, "edge-agent", "2.0.0");
+
+        assert_eq!(step(&store, None, std::path::Path::new("/proc/self/exe")).await, Step::Idle);
+
+        let events = events(&store);
+        assert!(matches!(&events[..], [EventKind::UpdateFailed { reason, .. }] if reason.contains("hub-http")), "{events:?}");
+    }
+}
