@@ -2,7 +2,7 @@
 //! tests drive by hand: what each device reports, and when.
 
 use outpost_proto::sync::{encode, Channel, Encoding, EventBatch, Report, WorkloadReport, PROTOCOL_VERSION};
-use outpost_proto::{Event, EventKind};
+use outpost_proto::{AgentUpdate, Event, EventKind, UpdateOrigin};
 use serde_json::{json, Value};
 
 use crate::support::*;
@@ -372,5 +372,74 @@ async fn a_deployment_breaking_the_admission_policy_is_refused_naming_each_rule(
     let (status, body) = hub.put("/v1/deployments/app", &unpinned.to_string()).await;
     assert_eq!(status, 502, "a registry the hub cannot reach: {body}");
     assert!(body["error"].as_str().unwrap().contains("pin the image yourself"), "{body}");
+    hub.stop().await;
+}
+
+fn agent_update(version: &str, waves: &[&str]) -> Value {
+    json!({
+        "name": "agent",
+        "selector": { "site": "a" },
+        "strategy": { "waves": waves, "min-healthy": "0s", "max-failure-ratio": 0.1, "on-failure": "rollback", "device-timeout": "30s" },
+        "update": { "target": format!("edge-agent-{version}"), "version": version },
+    })
+}
+
+async fn send_event(device: &DeviceSimulator, seq: u64, kind: EventKind) {
+    let batch = EventBatch { v: PROTOCOL_VERSION, epoch: 0, events: vec![Event { seq, at: 1, kind }] };
+    device.publish(Channel::Events, false, encode(Encoding::Json, &batch)).await;
+}
+
+/// What a device says once its new agent confirmed itself for `revision`.
+async fn confirm_agent_update(device: &DeviceSimulator, seq: u64, desired: &outpost_proto::sync::DesiredMessage) {
+    let d = desired.state.deployment("agent").expect("the agent deployment");
+    let update = d.update.clone().expect("an agent update");
+    device.report(&report_running(seq, desired.state.generation, desired, "running")).await;
+    let from = Some(UpdateOrigin { deployment: "agent".into(), revision: d.revision });
+    send_event(device, seq, EventKind::Updated { target: update.target, version: update.version, from }).await;
+}
+
+#[tokio::test]
+async fn an_agent_update_rolls_out_in_waves_as_devices_confirm_it_and_rolls_back_when_the_canary_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(config(dir.path())).await;
+    let mut devices = site(&hub).await;
+    let [canary, second] = canary_first();
+
+    apply(&hub, &agent_update("2.0", &["1", "100%"])).await;
+    let desired = device(&mut devices, canary).desired(1).await;
+    let expected = AgentUpdate { target: "edge-agent-2.0".into(), version: "2.0".into() };
+    assert_eq!(desired.state.deployment("agent").unwrap().update, Some(expected));
+    device(&mut devices, canary).report(&report_running(1, 1, &desired, "running")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!received_a_desired_state(device(&mut devices, second)), "the second wave started before the canary confirmed");
+    confirm_agent_update(device(&mut devices, canary), 2, &desired).await;
+
+    let desired = device(&mut devices, second).desired(1).await;
+    confirm_agent_update(device(&mut devices, second), 1, &desired).await;
+    let status = rollout_reaches(&hub, "agent", "complete", |s| s["rollout"]["state"] == "complete").await;
+    assert_eq!(status["rollout"]["counts"]["healthy"], 2, "{status}");
+    assert!(!received_a_desired_state(device(&mut devices, "pump-5")), "a device of another site got it");
+
+    // Revision 2: the canary's new agent never confirms and its old one comes back.
+    apply(&hub, &agent_update("3.0", &["1", "100%"])).await;
+    let desired = device(&mut devices, canary).desired(2).await;
+    let from = Some(UpdateOrigin { deployment: "agent".into(), revision: 2 });
+    let reason = "not healthy within 60s: the hub was not reached".to_string();
+    let kind = EventKind::UpdateRolledBack { target: "edge-agent-3.0".into(), version: "3.0".into(), reason, from };
+    send_event(device(&mut devices, canary), 3, kind).await;
+    device(&mut devices, canary).report(&report_running(3, 2, &desired, "running")).await;
+
+    let status = rollout_reaches(&hub, "agent", "rolled back", |s| s["rollout"]["state"] == "rolled-back").await;
+    assert!(status["rollout"]["reason"].as_str().unwrap().contains("failed revision 2"), "{status}");
+    let back = device(&mut devices, canary).desired(3).await;
+    let version = back.state.deployment("agent").and_then(|d| d.update.as_ref()).map(|u| u.version.clone());
+    assert_eq!(version.as_deref(), Some("2.0"), "the canary is sent back to agent 2.0");
+    let other = device(&mut devices, second).drain();
+    assert!(
+        !other.iter().any(|m| matches!(m, FromHub::Desired(d) if d.state.generation > 1)),
+        "agent 3.0 reached the second wave"
+    );
+    let (_, view) = hub.get(&format!("/v1/devices/{canary}/events")).await;
+    assert!(view.to_string().contains("update-rolled-back"), "the hub keeps the device's event: {view}");
     hub.stop().await;
 }
