@@ -293,7 +293,8 @@ mod deployment_updates {
         assert_eq!(step(&store, Some(&device.updater), &device.running_binary).await, Step::Idle);
 
         device.assert_nothing_installed();
-        let updated = EventKind::Updated { target: "edge-agent".into(), version: "1.0.0".into(), from: Some(origin(2)) };
+        let updated =
+            EventKind::Updated { target: "edge-agent".into(), version: "1.0.0".into(), from: Some(origin(2)) };
         assert_eq!(events(&store), [updated]);
     }
 
@@ -323,6 +324,9 @@ mod deployment_updates {
         assert_eq!(step(&store, None, std::path::Path::new("/proc/self/exe")).await, Step::Idle);
 
         let events = events(&store);
-        assert!(matches!(&events[..], [EventKind::UpdateFailed { reason, .. }] if reason.contains("hub-http")), "{events:?}");
+        assert!(
+            matches!(&events[..], [EventKind::UpdateFailed { reason, .. }] if reason.contains("hub-http")),
+            "{events:?}"
+        );
     }
 }

@@ -166,3 +166,80 @@ fn agent_update_that_exits_at_once_is_rolled_back_after_the_service_manager_rest
     let w = agent.workload("steady");
     assert_eq!((state(&w), w["status"]["pid"].as_i64()), ("running", Some(container_pid)), "{w:#}");
 }
+
+/// The whole way an operator updates a fleet's agents: the update pushed to
+/// a real hub (metadata and artifact in its site cache), a signed deployment
+/// naming it applied with `hub apply --key`, the real daemon linked over MQTT
+/// installing it from the hub, restarting into it and confirming, and the
+/// hub's rollout completing on that confirmation.
+#[test]
+fn an_agent_update_rolled_out_through_the_hub_is_installed_confirmed_and_completes_the_rollout() {
+    const DEVICE: &str = "pi-1";
+    let (deployments_key, pkcs8) = ota::SigningKey::generate().unwrap();
+    let mut repo = TufRepo::new();
+    repo.trust_deployments(&deployments_key);
+    let new_agent = new_agent_build();
+    repo.add_target("edge-agent-2.0.0", "2.0.0", &new_agent, &[HARDWARE]);
+    repo.publish();
+
+    let hub = testkit::hub::Hub::new(&[(DEVICE, "token-1")]);
+    let tuf = repo.dir().join("v1/tuf");
+    let pushed = hub.cli(&["tuf", "push", tuf.to_str().unwrap()]);
+    assert!(pushed.status.success(), "hub tuf push: {}", String::from_utf8_lossy(&pushed.stderr));
+    let artifact = repo.artifact_path(&new_agent);
+    let pushed = hub.cli(&["artifact", "push", artifact.to_str().unwrap()]);
+    assert!(pushed.status.success(), "hub artifact push: {}", String::from_utf8_lossy(&pushed.stderr));
+
+    let mut agent = Agent::new();
+    let root = agent.data.path().join("root.json");
+    std::fs::write(&root, repo.root_json()).unwrap();
+    agent.use_config(&format!(
+        "trust-root = \"{}\"\ndevice-id = \"{DEVICE}\"\nhub = \"mqtt://{}\"\nhub-token = \"token-1\"\n\
+         hub-http = \"http://{}\"\nhardware = \"{HARDWARE}\"\nreport-interval = \"200ms\"\nkeep-alive = \"5s\"\n\
+         reconcile-interval = \"500ms\"\nupdate-health-deadline = \"30s\"\n",
+        root.display(),
+        hub.mqtt,
+        hub.http
+    ));
+    agent.start_daemon();
+    let pid = agent.daemon_pid().unwrap();
+
+    let key = agent.data.path().join("deployments.key");
+    std::fs::write(&key, pkcs8).unwrap();
+    let spec = agent.data.path().join("agent-update.toml");
+    std::fs::write(
+        &spec,
+        "name = \"agent\"\nupdate = { target = \"edge-agent-2.0.0\", version = \"2.0.0\" }\n\
+         [strategy]\nwaves = [\"100%\"]\nmin-healthy = \"0s\"\n",
+    )
+    .unwrap();
+    let applied = hub.cli(&["apply", "-f", spec.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    assert!(applied.status.success(), "hub apply: {}", String::from_utf8_lossy(&applied.stderr));
+
+    let slot_b = slot_binary(&agent, "b");
+    wait_until(&agent, UPDATE_WAIT, "the agent running from slot B, confirmed", || {
+        daemon_exe(&agent).as_ref() == Some(&slot_b) && update_status(&agent)["confirmed"] == true
+    });
+    assert_eq!(agent.daemon_pid(), Some(pid), "exec keeps the daemon's pid");
+    assert_eq!(std::fs::read(&slot_b).unwrap(), new_agent);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = hub.get("/v1/deployments/agent");
+        if status["rollout"]["state"] == "complete" {
+            assert_eq!(status["rollout"]["counts"]["healthy"], 1, "{status:#}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout never completed: {status:#}\nhub log:\n{}\nagent log:\n{}",
+            hub.log(),
+            agent.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The device deletes events the hub has: the hub's copy tells.
+    let events = hub.get(&format!("/v1/devices/{DEVICE}/events"));
+    let events = events.as_array().cloned().unwrap_or_default();
+    let updated = events.into_iter().find(|e| e["event"] == "updated").expect("the hub has the updated event");
+    assert_eq!((updated["deployment"].as_str(), updated["revision"].as_u64()), (Some("agent"), Some(1)), "{updated}");
+}

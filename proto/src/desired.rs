@@ -270,7 +270,8 @@ update-strategy = "start-first"
         let twice = format!("{DOC}{update}{}", update.replace("\"agent\"", "\"agent-b\""));
         let err = DesiredState::parse(&twice).unwrap_err().to_string();
         assert!(err.contains("`agent` and `agent-b` both update the agent"), "{err}");
-        let with_workloads = DOC.replace("revision = 7\n", "revision = 7\nupdate = { target = \"a\", version = \"1\" }\n");
+        let with_workloads =
+            DOC.replace("revision = 7\n", "revision = 7\nupdate = { target = \"a\", version = \"1\" }\n");
         let err = DesiredState::parse(&with_workloads).unwrap_err().to_string();
         assert!(err.contains("both an agent update and workloads"), "{err}");
         let err = DesiredState::parse(&format!("{DOC}{}", update.replace("edge-agent-2", ""))).unwrap_err().to_string();

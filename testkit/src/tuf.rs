@@ -59,6 +59,18 @@ impl TufRepo {
         Self { dir, root_key, targets_key, snapshot_key, timestamp_key, root, targets: Signed::new(targets), expires }
     }
 
+    /// Lists `key` as the root's deployments role and signs root version 1
+    /// again, so that one root trusts both updates and deployments, as an
+    /// operator's does (docs/trust.md). Before anything is published.
+    pub fn trust_deployments(&mut self, key: &SigningKey) {
+        let public = key.public_key();
+        let root = &mut self.root.signed;
+        root.keys.insert(public.key_id(), Key { keytype: KeyType::Ed25519, public: public.to_hex() });
+        root.roles.insert(RoleType::Deployments, RoleKeys { keyids: vec![public.key_id()], threshold: 1 });
+        self.root.signatures.clear();
+        self.root.sign(&self.root_key).unwrap();
+    }
+
     /// The directory to serve.
     pub fn dir(&self) -> &Path {
         self.dir.path()

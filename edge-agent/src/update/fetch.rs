@@ -83,7 +83,9 @@ pub struct Installed {
 pub enum Outcome {
     Installed(Installed),
     /// The running binary is the target already: nothing to install.
-    AlreadyRunning { version: String },
+    AlreadyRunning {
+        version: String,
+    },
 }
 
 /// What the update flow needs from the configuration.
@@ -166,13 +168,13 @@ impl Updater {
             }
             Some((_, from)) => {
                 let running = running_binary.to_path_buf();
-                let digest = tokio::task::spawn_blocking(move || file_digest(&running))
-                    .await
-                    .map_err(|e| UpdateError::Io {
+                let digest = tokio::task::spawn_blocking(move || file_digest(&running)).await.map_err(|e| {
+                    UpdateError::Io {
                         action: "hash",
                         path: running_binary.to_path_buf(),
                         source: std::io::Error::other(e),
-                    })??;
+                    }
+                })??;
                 if digest.0 == sha256 {
                     return Ok(Outcome::AlreadyRunning { version: target.version });
                 }
@@ -203,7 +205,8 @@ impl Updater {
                 source: std::io::Error::other(e),
             })??;
         let _ = std::fs::remove_file(&download.dest);
-        let pending = Pending { target: name.into(), version: target.version.clone(), slot, failures: Vec::new(), from };
+        let pending =
+            Pending { target: name.into(), version: target.version.clone(), slot, failures: Vec::new(), from };
         let pending_path = self.agent.pending_path();
         self.agent.set_pending(&pending).map_err(io_error("write", &pending_path))?;
         Ok(Outcome::Installed(Installed { target: name.into(), version: target.version, slot }))

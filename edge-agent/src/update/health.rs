@@ -44,7 +44,11 @@ pub fn settle(agent: &AgentSlots, store: &Store) {
         _ => return,
     };
     let kind = if env.active == pending.slot {
-        EventKind::Updated { target: pending.target.clone(), version: pending.version.clone(), from: pending.from.clone() }
+        EventKind::Updated {
+            target: pending.target.clone(),
+            version: pending.version.clone(),
+            from: pending.from.clone(),
+        }
     } else {
         let reason = pending
             .failures

@@ -177,12 +177,21 @@ mod tests {
         };
         let (deployments, conflicts) = merge(
             "d",
-            vec![offer("app", 0, &app[..], None), offer("agent", 0, &[][..], Some(&v2)), offer("canary", 5, &[][..], Some(&v3))],
+            vec![
+                offer("app", 0, &app[..], None),
+                offer("agent", 0, &[][..], Some(&v2)),
+                offer("canary", 5, &[][..], Some(&v3)),
+            ],
         );
         let names: Vec<(&str, Option<&str>)> =
             deployments.iter().map(|d| (d.name.as_str(), d.update.as_ref().map(|u| u.version.as_str()))).collect();
         assert_eq!(names, [("canary", Some("3")), ("app", None)]);
-        let expected = Conflict { device: "d".into(), workload: AGENT_UPDATE.into(), winner: "canary".into(), loser: "agent".into() };
+        let expected = Conflict {
+            device: "d".into(),
+            workload: AGENT_UPDATE.into(),
+            winner: "canary".into(),
+            loser: "agent".into(),
+        };
         assert_eq!(conflicts, [expected]);
         outpost_proto::DesiredState { version: 1, generation: 1, deployments }.validate().unwrap();
     }

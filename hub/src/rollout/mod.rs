@@ -318,7 +318,8 @@ mod tests {
         let update = |revision| Sent { revision, agent_update: true, ..Sent::default() };
         let mut sent = BTreeMap::from([("agent".to_string(), update(2))]);
         let from = |revision| Some(UpdateOrigin { deployment: "agent".into(), revision });
-        let updated = |revision| EventKind::Updated { target: "edge-agent".into(), version: "2".into(), from: from(revision) };
+        let updated =
+            |revision| EventKind::Updated { target: "edge-agent".into(), version: "2".into(), from: from(revision) };
         observe_event(&mut sent, &updated(1), 100);
         assert_eq!(sent["agent"].running_since, None, "another revision");
         observe_event(&mut sent, &updated(2), 100);

@@ -33,7 +33,8 @@ async fn a_device_reset_while_connecting_connects_again_and_so_do_the_others() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for (id, password) in DEVICES {
-        let device = DeviceSimulator::connect_with(hub.mqtt, id, password, Default::default(), Default::default()).await;
+        let device =
+            DeviceSimulator::connect_with(hub.mqtt, id, password, Default::default(), Default::default()).await;
         assert!(device.is_some(), "{id} cannot connect after a reset while connecting");
     }
     hub.stop().await;

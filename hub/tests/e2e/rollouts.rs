@@ -411,7 +411,10 @@ async fn an_agent_update_rolls_out_in_waves_as_devices_confirm_it_and_rolls_back
     assert_eq!(desired.state.deployment("agent").unwrap().update, Some(expected));
     device(&mut devices, canary).report(&report_running(1, 1, &desired, "running")).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert!(!received_a_desired_state(device(&mut devices, second)), "the second wave started before the canary confirmed");
+    assert!(
+        !received_a_desired_state(device(&mut devices, second)),
+        "the second wave started before the canary confirmed"
+    );
     confirm_agent_update(device(&mut devices, canary), 2, &desired).await;
 
     let desired = device(&mut devices, second).desired(1).await;
