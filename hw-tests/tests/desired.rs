@@ -215,8 +215,11 @@ fn revision_whose_probe_fails_is_rolled_back() {
         assert!(Instant::now() < deadline, "no rollback: {:#?}", agent.events());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let running = converged(&agent, &["svc"]);
-    assert_eq!(running["svc"]["status"]["health"], "none", "the probe-less revision 1 runs again");
+    // The rollback is recorded before revision 1's container replaces revision 2's.
+    agent.wait_for("svc", WAIT, "the probe-less revision 1 running again", |w| {
+        state(w) == "running" && w["status"]["health"] == "none"
+    });
+    converged(&agent, &["svc"]);
 }
 
 #[test]

@@ -166,9 +166,10 @@ pub async fn run(client: &ApiClient, command: Command) -> anyhow::Result<()> {
         }
         Command::History { name } => {
             for revision in client.revisions(&name).await? {
-                let images: Vec<String> =
+                let mut what: Vec<String> =
                     revision.spec.workloads.iter().map(|w| format!("{}={}", w.name, w.image)).collect();
-                println!("revision {}  {}", revision.revision, images.join(" "));
+                what.extend(revision.spec.update.iter().map(|u| format!("agent={} ({})", u.target, u.version)));
+                println!("revision {}  {}", revision.revision, what.join(" "));
             }
         }
     }
