@@ -5,6 +5,7 @@
 //! device -> hub topics and subscribes only to its own hub -> device topics,
 //! each by its exact name; the hub's own client may do everything.
 
+use outpost_proto::federation::{SiteChannel, SiteTopics};
 use outpost_proto::sync::{Channel, Topics};
 
 use crate::sync::{FROM_DEVICES, HUB_CLIENT_ID};
@@ -30,6 +31,16 @@ pub fn allows(topics: &Topics, client_id: &str, access: Access, topic: &str) -> 
         Access::Subscribe => &TO_DEVICES,
     };
     allowed.iter().any(|&channel| topics.topic(client_id, channel) == topic)
+}
+
+/// Whether site hub `site` may publish to `topic` or subscribe to the
+/// filter `topic`: its batches and presence up, its devices' desired states
+/// and its acks down, each under its own site id (docs/federation.md).
+pub fn site_allows(topics: &SiteTopics, site: &str, access: Access, topic: &str) -> bool {
+    match access {
+        Access::Publish => [SiteChannel::Up, SiteChannel::Presence].iter().any(|c| topics.topic(site, c) == topic),
+        Access::Subscribe => topic == topics.all_desired(site) || topic == topics.topic(site, &SiteChannel::Ack),
+    }
 }
 
 /// A mosquitto ACL file with the same rules: `%u` is the user name, which
@@ -115,5 +126,27 @@ mod tests {
     #[test]
     fn the_documented_mosquitto_acl_is_what_the_hub_prints_for_the_defaults() {
         assert_eq!(mosquitto_acl(&Topics::default(), HUB_CLIENT_ID), include_str!("../../docs/mosquitto-acl.conf"));
+    }
+
+    #[test]
+    fn a_site_hub_uses_only_its_own_site_topics() {
+        let topics = SiteTopics::new("outpost/v1");
+        let allows = |access, topic: &str| site_allows(&topics, "rig-7", access, topic);
+        assert!(allows(Access::Publish, "outpost/v1/sites/rig-7/up"));
+        assert!(allows(Access::Publish, "outpost/v1/sites/rig-7/presence"));
+        assert!(allows(Access::Subscribe, "outpost/v1/sites/rig-7/desired/+"));
+        assert!(allows(Access::Subscribe, "outpost/v1/sites/rig-7/ack"));
+        for (access, topic) in [
+            (Access::Publish, "outpost/v1/sites/rig-8/up"),
+            (Access::Publish, "outpost/v1/sites/rig-7/ack"),
+            (Access::Publish, "outpost/v1/sites/rig-7/desired/cam-1"),
+            (Access::Publish, "outpost/v1/cam-1/reported"),
+            (Access::Subscribe, "outpost/v1/sites/rig-8/desired/+"),
+            (Access::Subscribe, "outpost/v1/sites/+/desired/+"),
+            (Access::Subscribe, "outpost/v1/sites/rig-7/#"),
+            (Access::Subscribe, "outpost/v1/cam-1/desired"),
+        ] {
+            assert!(!allows(access, topic), "{access:?} {topic}");
+        }
     }
 }

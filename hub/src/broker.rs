@@ -8,12 +8,13 @@
 //! about 25 s and cost the hub under 300 MB (docs/benchmarks.md). Mosquitto
 //! costs less still; a large fleet may prefer it (`broker = "mqtt://..."`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use outpost_proto::federation::SiteTopics;
 use outpost_proto::sync::Topics;
 use rumqttd::{Authorizer, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings, TlsConfig};
 use tokio::sync::oneshot;
@@ -74,6 +75,8 @@ pub struct Settings {
     pub auth: Auth,
     /// Which topics each device may use (`acl::allows`).
     pub topics: Topics,
+    /// Site hubs below this one, which use their site topics (`acl::site_allows`).
+    pub sites: BTreeSet<String>,
     pub tls: Option<TlsSettings>,
 }
 
@@ -169,7 +172,7 @@ fn config(addr: SocketAddr, settings: Settings) -> rumqttd::Config {
         custom_segment: Some(custom_segment),
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
-        authorizer: Some(authorizer(settings.topics)),
+        authorizer: Some(authorizer(settings.topics, settings.sites)),
     };
     let mut connections = ConnectionSettings {
         connection_timeout_ms: 10_000,
@@ -213,13 +216,17 @@ fn config(addr: SocketAddr, settings: Settings) -> rumqttd::Config {
 /// refused SUBSCRIBE filter fails in its SUBACK, a refused PUBLISH closes the
 /// device's connection unacknowledged (the agent reconnects: its own topics
 /// work again). Each refusal is logged with the device and the topic.
-fn authorizer(topics: Topics) -> Authorizer {
+fn authorizer(topics: Topics, sites: BTreeSet<String>) -> Authorizer {
+    let site_topics = SiteTopics::new(topics.prefix());
     Authorizer(Arc::new(move |client_id, access, topic| {
         let access = match access {
             rumqttd::Access::Publish => Access::Publish,
             rumqttd::Access::Subscribe => Access::Subscribe,
         };
-        let allowed = acl::allows(&topics, client_id, access, topic);
+        let allowed = match sites.contains(client_id) {
+            true => acl::site_allows(&site_topics, client_id, access, topic),
+            false => acl::allows(&topics, client_id, access, topic),
+        };
         if !allowed {
             warn!(device = client_id, topic, ?access, "refused a device access to a topic that is not its own");
         }

@@ -53,6 +53,24 @@ pub struct Config {
     /// How long an enrollment token stays usable.
     #[serde(with = "humantime_serde")]
     pub enroll_token_ttl: std::time::Duration,
+    /// A site hub's parent (docs/federation.md); none: this hub is a root.
+    pub upstream: Option<Upstream>,
+    /// Site id -> token: the site hubs whose parent this hub is. They log in
+    /// to the embedded broker as devices do, and use only their site topics.
+    pub sites: BTreeMap<String, String>,
+}
+
+/// The `[upstream]` table: where a site hub forwards its devices' reports
+/// and events, and takes their desired states from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Upstream {
+    /// The parent's MQTT broker, "mqtt://host:port".
+    pub mqtt: BrokerSetting,
+    /// This site's id, listed under the parent's `[sites]`.
+    pub site: String,
+    /// This site's token at the parent.
+    pub token: String,
 }
 
 /// The `[cache]` table: the site cache under `data-dir/cache`.
@@ -126,6 +144,8 @@ impl Default for Config {
             http_tls: false,
             tls_names: vec!["localhost".to_string(), "127.0.0.1".to_string()],
             enroll_token_ttl: std::time::Duration::from_secs(24 * 3600),
+            upstream: None,
+            sites: BTreeMap::new(),
         }
     }
 }
@@ -191,6 +211,35 @@ impl Config {
             }
             if token.is_empty() {
                 return invalid(format!("device {id:?} has an empty token"));
+            }
+        }
+        if !self.sites.is_empty() && self.broker != BrokerSetting::Embedded {
+            return invalid(
+                "[sites] needs the embedded broker: with an external one, give each site a user there and \
+                 the ACL of `hub mosquitto-acl` (docs/federation.md)"
+                    .to_string(),
+            );
+        }
+        for (id, token) in &self.sites {
+            if !valid_device_id(id) || id == HUB_CLIENT_ID {
+                return invalid(format!("site id {id:?} is not valid: use letters, digits, `.`, `_` and `-`"));
+            }
+            if self.devices.contains_key(id) {
+                return invalid(format!("{id:?} is both a device and a site: give the site another id"));
+            }
+            if token.is_empty() {
+                return invalid(format!("site {id:?} has an empty token"));
+            }
+        }
+        if let Some(upstream) = &self.upstream {
+            if upstream.mqtt == BrokerSetting::Embedded {
+                return invalid("upstream.mqtt must be the parent's broker, \"mqtt://host:port\"".to_string());
+            }
+            if !valid_device_id(&upstream.site) || upstream.token.is_empty() {
+                return invalid(format!(
+                    "upstream: site {:?} needs a valid id and its token at the parent",
+                    upstream.site
+                ));
             }
         }
         Ok(())

@@ -20,6 +20,7 @@ mod registry;
 pub mod rollout;
 mod store;
 mod sync;
+mod upstream;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -106,7 +107,13 @@ impl Hub {
                     fleet_filters: filters(&sync::FROM_DEVICES),
                     device_filters: filters(&[Channel::Desired, Channel::Ack, Channel::Command]),
                     auth: broker::Auth {
-                        devices: config.devices.clone(),
+                        // Site hubs log in as devices do, under their site ids.
+                        devices: config
+                            .devices
+                            .iter()
+                            .chain(&config.sites)
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
                         store: broker_store.clone().expect("made for the embedded broker"),
                         unknown_devices: config.unknown_devices,
                         hub_user: sync::HUB_CLIENT_ID.to_string(),
@@ -114,6 +121,7 @@ impl Hub {
                         hub_subscribed: hub_subscribed.clone(),
                     },
                     topics: topics.clone(),
+                    sites: config.sites.keys().cloned().collect(),
                     tls: config.mqtts_listen.zip(tls.as_ref()).map(|(listen, tls)| broker::TlsSettings {
                         listen,
                         ca: tls.ca.cert_path(),
@@ -173,11 +181,32 @@ impl Hub {
             password,
             topics: Topics::new(&self.config.topic_prefix),
             encoding: self.config.encoding,
+            sites: !self.config.sites.is_empty(),
+            upward: self.config.upstream.as_ref().map(|_| Arc::new(tokio::sync::Notify::new())),
         };
+        let upward = settings.upward.clone();
         let (stop, stopping) = watch::channel(false);
         let logs = logs::SharedReplies::default();
         let (publisher, sync_tasks) =
             sync::start(settings, self.store.clone(), logs.clone(), self.hub_subscribed.clone(), stopping.clone());
+        let upstream = match (&self.config.upstream, upward) {
+            (Some(upstream), Some(wake)) => {
+                let BrokerSetting::External { host, port } = &upstream.mqtt else {
+                    unreachable!("the configuration refuses an embedded upstream")
+                };
+                info!(site = upstream.site, "a site hub: its parent's broker is {host}:{port}");
+                let settings = upstream::Settings {
+                    host: host.clone(),
+                    port: *port,
+                    site: upstream.site.clone(),
+                    token: upstream.token.clone(),
+                    topics: outpost_proto::federation::SiteTopics::new(&self.config.topic_prefix),
+                    encoding: self.config.encoding,
+                };
+                Some(upstream::start(settings, self.store.clone(), publisher.clone(), wake, stopping.clone()))
+            }
+            _ => None,
+        };
 
         info!("HTTP API listening on {}", http_listener.local_addr()?);
         let engine = rollout::engine::Engine::new(self.store.clone(), publisher.clone());
@@ -257,6 +286,9 @@ impl Hub {
         let served = http.await.context("the HTTP server task failed")?;
         if let Some(enroll) = enroll {
             enroll.await.context("the enrollment server task failed")?;
+        }
+        if let Some(upstream) = upstream {
+            let _ = upstream.await;
         }
         sync_tasks.join().await;
         let _ = rollouts.await;

@@ -149,6 +149,23 @@ pub fn set_presence(store: &Store, id: &str, presence: &Presence, replayed: bool
     })
 }
 
+/// A site hub's link to this hub came up or went. When it goes, the site's
+/// devices are out of reach: offline here until the site says otherwise.
+pub fn set_site_presence(store: &Store, site: &str, online: bool, now: u64) -> Result<(), StoreError> {
+    store.update_site(site, |s| {
+        s.online = online;
+        if online {
+            s.last_sync = Some(now);
+        }
+    })?;
+    if !online {
+        for device in store.devices()?.into_iter().filter(|d| d.site.as_deref() == Some(site) && d.online) {
+            store.update_device(&device.id, |d| d.online = false)?;
+        }
+    }
+    Ok(())
+}
+
 /// At the start of a hub with its own broker, no device is connected yet.
 pub fn mark_all_offline(store: &Store) -> Result<(), StoreError> {
     for device in store.devices()? {

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use outpost_proto::federation::{SiteItem, Upward};
 use outpost_proto::sync::WorkloadReport;
 use outpost_proto::{DesiredState, Event};
 
@@ -68,6 +69,21 @@ pub struct Device {
     pub rollouts: BTreeMap<String, Sent>,
     /// The last desired state the device refused (its signatures did not verify).
     pub refused: Option<Refusal>,
+    /// The site hub the device is reached through; none: it connects here.
+    pub site: Option<String>,
+}
+
+/// What a parent hub knows of one of its site hubs (docs/federation.md).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Site {
+    pub id: String,
+    /// The site's link to this hub is up (its presence; its last will says when it goes).
+    pub online: bool,
+    /// When a batch from the site was last stored.
+    pub last_sync: Option<u64>,
+    /// The highest item number stored from the site: items up to it are not stored again.
+    pub acked_seq: u64,
 }
 
 /// A desired state a device refused, and why, from its `refused` event.
@@ -132,6 +148,10 @@ pub struct Store {
     deployments: sled::Tree,
     /// One-time enrollment tokens: sha256 (hex) of the token -> `EnrollToken`.
     enroll_tokens: sled::Tree,
+    /// A site hub's queue to its parent: item number (big-endian) -> `SiteItem`.
+    outbox: sled::Tree,
+    /// A parent hub's sites: id -> `Site`.
+    sites: sled::Tree,
 }
 
 impl Store {
@@ -145,6 +165,8 @@ impl Store {
             pending: db.open_tree("pending")?,
             deployments: db.open_tree("deployments")?,
             enroll_tokens: db.open_tree("enroll_tokens")?,
+            outbox: db.open_tree("outbox")?,
+            sites: db.open_tree("sites")?,
             db,
             flushes: Arc::default(),
         })
@@ -359,6 +381,63 @@ impl Store {
     pub fn put_desired(&self, id: &str, state: &DesiredState) -> Result<(), StoreError> {
         self.desired.insert(id, encode(state))?;
         Ok(())
+    }
+
+    /// Queues a device's message for the parent hub, numbered after the
+    /// last one queued (numbers never repeat, acknowledged ones included).
+    pub fn push_upward(&self, device: &str, message: Upward, at: u64) -> Result<u64, StoreError> {
+        let seq = self.db.generate_id()? + 1;
+        let item = SiteItem { seq, device: device.to_string(), at, message };
+        self.outbox.insert(seq.to_be_bytes(), encode(&item))?;
+        Ok(seq)
+    }
+
+    /// The oldest queued items, at most `max` of them and about `max_bytes`.
+    pub fn upward(&self, max: usize, max_bytes: usize) -> Result<Vec<SiteItem>, StoreError> {
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        for entry in self.outbox.iter().values() {
+            let value = entry?;
+            if !items.is_empty() && (items.len() == max || bytes + value.len() > max_bytes) {
+                break;
+            }
+            bytes += value.len();
+            items.push(decode(&value, "a queued item")?);
+        }
+        Ok(items)
+    }
+
+    /// How many items wait for the parent.
+    pub fn upward_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Drops the queued items up to `seq`, which the parent stored.
+    pub fn ack_upward(&self, seq: u64) -> Result<(), StoreError> {
+        while let Some((key, _)) = self.outbox.first()? {
+            if u64::from_be_bytes(key.as_ref().try_into().unwrap_or([0; 8])) > seq {
+                break;
+            }
+            self.outbox.remove(key)?;
+        }
+        Ok(())
+    }
+
+    pub fn site(&self, id: &str) -> Result<Option<Site>, StoreError> {
+        self.sites.get(id)?.map(|bytes| decode(&bytes, id)).transpose()
+    }
+
+    pub fn site_records(&self) -> Result<Vec<Site>, StoreError> {
+        self.sites.iter().values().map(|bytes| decode(&bytes?, "a site")).collect()
+    }
+
+    /// Changes a site's record, creating it if needed. One writer (the sync
+    /// task), so no compare-and-swap.
+    pub fn update_site<T>(&self, id: &str, change: impl FnOnce(&mut Site) -> T) -> Result<T, StoreError> {
+        let mut site = self.site(id)?.unwrap_or_else(|| Site { id: id.to_string(), ..Site::default() });
+        let out = change(&mut site);
+        self.sites.insert(id, encode(&site))?;
+        Ok(out)
     }
 
     /// Forgets a held device's request; false when there was none.

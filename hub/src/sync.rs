@@ -1,7 +1,10 @@
-//! The hub's side of the sync protocol, the only module that knows rumqttc:
-//! one MQTT client (persistent session, QoS 1) that takes reports, events,
-//! presence and logs replies from every device, and publishes desired
-//! states, acks and commands.
+//! The hub's side of the sync protocol: one MQTT client (persistent
+//! session, QoS 1) that takes reports, events, presence and logs replies
+//! from every device, and publishes desired states, acks and commands. With
+//! site hubs below (`[sites]`), it also takes their batches of their
+//! devices' messages, and publishes those devices' desired states to them
+//! (docs/federation.md). With a parent (`[upstream]`), what devices say is
+//! queued for it too; `upstream.rs` sends the queue.
 //!
 //! Two tasks: one polls the MQTT event loop (which also reconnects), the
 //! other applies what arrives to the store and publishes. The only publisher
@@ -13,18 +16,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
+use outpost_proto::federation::{SiteAck, SiteBatch, SiteChannel, SiteItem, SiteTopics, Upward};
 use outpost_proto::sync::{
     decode, encode, Channel, Command, CommandMessage, DesiredMessage, Encoding, EventBatch, LogsMessage, Presence,
     Report, Topics, PROTOCOL_VERSION,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::logs::SharedReplies;
 use crate::registry::{self, ReportOutcome};
-use crate::store::{Store, StoreError};
+use crate::store::{Device, Store, StoreError};
 
 /// The hub's MQTT client id (and user name at its own broker); the
 /// configuration refuses a device of this name.
@@ -48,6 +52,11 @@ pub struct Settings {
     pub password: String,
     pub topics: Topics,
     pub encoding: Encoding,
+    /// Whether site hubs report here (`[sites]`).
+    pub sites: bool,
+    /// Set on a site hub: what its devices say is queued for the parent,
+    /// and this wakes the link that sends it.
+    pub upward: Option<Arc<Notify>>,
 }
 
 enum Input {
@@ -113,7 +122,16 @@ pub fn start(
     // itself be waiting for the event loop to take its publishes.
     let (inputs, rx) = mpsc::unbounded_channel();
     let event_loop = tokio::spawn(poll(event_loop, inputs.clone(), subscribed, shutdown));
-    let applier = Applier { client, store, logs, topics: settings.topics, encoding: settings.encoding };
+    let site_topics = SiteTopics::new(settings.topics.prefix());
+    let applier = Applier {
+        client,
+        store,
+        logs,
+        topics: settings.topics,
+        encoding: settings.encoding,
+        site_topics: settings.sites.then_some(site_topics),
+        upward: settings.upward,
+    };
     let applier = tokio::spawn(applier.run(rx));
     (Publisher { inputs }, Tasks { event_loop, applier })
 }
@@ -165,6 +183,9 @@ struct Applier {
     logs: SharedReplies,
     topics: Topics,
     encoding: Encoding,
+    /// Set when site hubs report here.
+    site_topics: Option<SiteTopics>,
+    upward: Option<Arc<Notify>>,
 }
 
 /// What one batch of inputs asks to publish.
@@ -175,6 +196,10 @@ struct Outgoing {
     acks: BTreeSet<String>,
     full_report_commands: Vec<(String, u64)>,
     commands: Vec<(String, CommandMessage)>,
+    /// Sites whose batches were stored: acknowledge them.
+    site_acks: BTreeSet<String>,
+    /// Items were queued for the parent.
+    queued_upward: bool,
 }
 
 impl Applier {
@@ -216,6 +241,9 @@ impl Applier {
     /// A payload that does not decode is logged and dropped: the device's
     /// connection and the hub's view of it stay as they were.
     fn apply_message(&self, publish: &Publish, out: &mut Outgoing) {
+        if let Some((site, channel)) = self.site_topics.as_ref().and_then(|t| t.parse(&publish.topic)) {
+            return self.apply_site_message(&site, channel, publish, out);
+        }
         let Some((device, channel)) = self.topics.parse(&publish.topic) else {
             debug!(topic = publish.topic, "ignored a message outside the protocol's topics");
             return;
@@ -227,24 +255,12 @@ impl Applier {
         let now = now_ms();
         let payload = &publish.payload[..];
         let stored = match channel {
-            Channel::Reported => decode::<Report>(payload).map(|report| {
-                self.follow_epoch(device, report.epoch, now, out)?;
-                let outcome = registry::apply_report(&self.store, device, &report, now)?;
-                if let ReportOutcome::Gap { full_report_command: Some(id) } = outcome {
-                    info!(device, seq = report.seq, "a report is missing: asking the device for a full report");
-                    out.full_report_commands.push((device.to_string(), id));
-                }
-                out.acks.insert(device.to_string());
-                Ok(())
-            }),
-            Channel::Events => decode::<EventBatch>(payload).map(|batch| {
-                self.follow_epoch(device, batch.epoch, now, out)?;
-                registry::store_events(&self.store, device, &batch, now)?;
-                out.acks.insert(device.to_string());
-                Ok(())
-            }),
+            Channel::Reported => decode::<Report>(payload)
+                .map(|report| self.apply_upward(device, None, Upward::Report(report), publish.retain, now, out)),
+            Channel::Events => decode::<EventBatch>(payload)
+                .map(|batch| self.apply_upward(device, None, Upward::Events(batch), publish.retain, now, out)),
             Channel::Presence => decode::<Presence>(payload)
-                .map(|presence| registry::set_presence(&self.store, device, &presence, publish.retain, now)),
+                .map(|presence| self.apply_upward(device, None, Upward::Presence(presence), publish.retain, now, out)),
             Channel::Logs => decode::<LogsMessage>(payload).map(|message| {
                 debug!(device, command = message.command, workload = message.workload, "logs from the device");
                 self.logs.lock().unwrap_or_else(PoisonError::into_inner).insert(device, message, now);
@@ -258,6 +274,103 @@ impl Applier {
             Ok(Err(e)) => error!(device, "cannot store a message from the device: {e}"),
             Err(e) => warn!(device, ?channel, "dropped a payload that does not decode: {e}"),
         }
+    }
+
+    /// A device's report, events or presence, from the device itself or
+    /// (`site`) forwarded by the site hub it is connected to. Stored, then
+    /// queued for this hub's own parent, if it has one.
+    fn apply_upward(
+        &self,
+        device: &str,
+        site: Option<&str>,
+        message: Upward,
+        retained: bool,
+        now: u64,
+        out: &mut Outgoing,
+    ) -> Result<(), StoreError> {
+        // Where the device is reached: its desired state goes that way.
+        let reached_through = site.map(str::to_string);
+        self.store.update_device(device, |d| d.site.clone_from(&reached_through))?;
+        match &message {
+            Upward::Report(report) => {
+                self.follow_epoch(device, report.epoch, now, out)?;
+                let outcome = registry::apply_report(&self.store, device, report, now)?;
+                if let ReportOutcome::Gap { full_report_command: Some(id) } = outcome {
+                    info!(device, seq = report.seq, "a report is missing: asking the device for a full report");
+                    out.full_report_commands.push((device.to_string(), id));
+                }
+            }
+            Upward::Events(batch) => {
+                self.follow_epoch(device, batch.epoch, now, out)?;
+                registry::store_events(&self.store, device, batch, now)?;
+            }
+            Upward::Presence(presence) => registry::set_presence(&self.store, device, presence, retained, now)?,
+        }
+        // A site hub acknowledges its devices itself; the parent acknowledges the site.
+        if site.is_none() && !matches!(message, Upward::Presence(_)) {
+            out.acks.insert(device.to_string());
+        }
+        if self.upward.is_some() {
+            self.store.push_upward(device, message, now)?;
+            out.queued_upward = true;
+        }
+        Ok(())
+    }
+
+    /// A site hub's batch of its devices' messages, or its own presence.
+    fn apply_site_message(&self, site: &str, channel: SiteChannel, publish: &Publish, out: &mut Outgoing) {
+        let now = now_ms();
+        let stored = match channel {
+            SiteChannel::Up => {
+                let batch = crate::upstream::decompress(&publish.payload)
+                    .and_then(|bytes| decode::<SiteBatch>(&bytes).map_err(|e| e.to_string()));
+                let batch = match batch {
+                    Ok(batch) => batch,
+                    Err(e) => return warn!(site, "dropped a site batch that does not decode: {e}"),
+                };
+                self.apply_site_batch(site, batch.items, now, out)
+            }
+            SiteChannel::Presence => match decode::<Presence>(&publish.payload) {
+                Ok(presence) => registry::set_site_presence(&self.store, site, presence.online, now),
+                Err(e) => return warn!(site, "dropped a site presence that does not decode: {e}"),
+            },
+            // The parent's own channels: not subscribed to.
+            SiteChannel::Ack | SiteChannel::Desired(_) => return,
+        };
+        if let Err(e) = stored {
+            error!(site, "cannot store a batch from the site: {e}");
+        }
+    }
+
+    /// Items at or below the site's acknowledged number were stored before
+    /// (a batch sent again after a cut): skipped, so each is stored once.
+    fn apply_site_batch(
+        &self,
+        site: &str,
+        items: Vec<SiteItem>,
+        now: u64,
+        out: &mut Outgoing,
+    ) -> Result<(), StoreError> {
+        let acked = self.store.site(site)?.map_or(0, |s| s.acked_seq);
+        let mut newest = acked;
+        for item in items.into_iter().filter(|item| item.seq > acked) {
+            if !registry::valid_device_id(&item.device) {
+                warn!(site, device = item.device, "dropped a site item for a device whose id is not valid");
+            } else if let Some(owner) = self.store.device(&item.device)?.and_then(|d| d.site).filter(|s| s != site) {
+                warn!(site, device = item.device, owner, "dropped a site item for a device of another site");
+            } else {
+                // The site's clock says when the device said it, however late it arrives.
+                self.apply_upward(&item.device, Some(site), item.message, false, item.at, out)?;
+            }
+            newest = newest.max(item.seq);
+        }
+        self.store.update_site(site, |s| {
+            s.acked_seq = newest;
+            s.last_sync = Some(now);
+            s.online = true;
+        })?;
+        out.site_acks.insert(site.to_string());
+        Ok(())
     }
 
     fn follow_epoch(&self, device: &str, epoch: u64, now: u64, out: &mut Outgoing) -> Result<(), StoreError> {
@@ -278,18 +391,47 @@ impl Applier {
     /// Publishes what a batch asks for; acks only after the store is flushed.
     async fn publish(&self, out: Outgoing) -> Result<(), rumqttc::ClientError> {
         if out.subscribe {
-            let filters =
-                FROM_DEVICES.map(|channel| rumqttc::SubscribeFilter::new(self.topics.all(channel), QoS::AtLeastOnce));
+            let mut filters: Vec<_> = FROM_DEVICES
+                .map(|channel| rumqttc::SubscribeFilter::new(self.topics.all(channel), QoS::AtLeastOnce))
+                .into();
+            if let Some(sites) = &self.site_topics {
+                for channel in [SiteChannel::Up, SiteChannel::Presence] {
+                    filters.push(rumqttc::SubscribeFilter::new(sites.all(&channel), QoS::AtLeastOnce));
+                }
+            }
             self.client.subscribe_many(filters).await?;
         }
         for id in &out.desired {
             match self.store.desired(id) {
                 Ok(Some(state)) => {
-                    let message = DesiredMessage { v: PROTOCOL_VERSION, state };
-                    self.send(id, Channel::Desired, true, encode(self.encoding, &message)).await?;
+                    let message = encode(self.encoding, &DesiredMessage { v: PROTOCOL_VERSION, state });
+                    match (self.store.device(id), &self.site_topics) {
+                        (Ok(Some(Device { site: Some(site), .. })), Some(sites)) => {
+                            let topic = sites.topic(&site, &SiteChannel::Desired(id.clone()));
+                            self.client.publish(topic, QoS::AtLeastOnce, true, message).await?;
+                        }
+                        _ => self.send(id, Channel::Desired, true, message).await?,
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => error!(device = id, "cannot read the desired state to publish: {e}"),
+            }
+        }
+        if out.queued_upward || !out.site_acks.is_empty() {
+            // Queued items reach the parent, and acks reach the sites, only once on disk.
+            if let Err(e) = self.store.flush().await {
+                error!("cannot flush the store, so nothing is acknowledged: {e}");
+                return Ok(());
+            }
+            if let Some(upward) = out.queued_upward.then_some(self.upward.as_ref()).flatten() {
+                upward.notify_one();
+            }
+        }
+        if let Some(sites) = &self.site_topics {
+            for site in &out.site_acks {
+                let seq = self.store.site(site).ok().flatten().map_or(0, |s| s.acked_seq);
+                let ack = encode(self.encoding, &SiteAck { v: PROTOCOL_VERSION, seq });
+                self.client.publish(sites.topic(site, &SiteChannel::Ack), QoS::AtLeastOnce, true, ack).await?;
             }
         }
         if !out.acks.is_empty() {

@@ -2,6 +2,7 @@
 
 pub mod desired;
 pub mod event;
+pub mod federation;
 pub mod fleet;
 pub mod size;
 pub mod sync;

@@ -42,6 +42,9 @@ pub struct DeviceView {
     /// The last desired state the device refused because its signatures did not verify.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<Refusal>,
+    /// The site hub the device is reached through (docs/federation.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 impl DeviceView {
@@ -62,6 +65,7 @@ impl DeviceView {
             stale: device.stale,
             workloads: device.workloads.into_values().collect(),
             refused: device.refused,
+            site: device.site,
         }
     }
 }

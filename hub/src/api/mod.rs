@@ -8,6 +8,7 @@ mod desired;
 mod devices;
 mod events;
 mod pending;
+mod sites;
 
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -64,6 +65,7 @@ pub(crate) fn router(
         .route("/v1/deployments/{name}", get(deployments::show).put(deployments::put).delete(deployments::delete))
         .route("/v1/deployments/{name}/revisions", get(deployments::revisions))
         .route("/v1/deployments/{name}/rollout/{action}", post(deployments::rollout_action))
+        .route("/v1/sites", get(sites::list))
         .route("/v1/pending-devices", get(pending::list))
         .route("/v1/pending-devices/{id}", axum::routing::delete(pending::reject))
         .route("/v1/pending-devices/{id}/approve", axum::routing::post(pending::approve))

@@ -77,6 +77,7 @@ mod tests {
             stale: true,
             workloads: vec![],
             refused: None,
+            site: None,
         };
         let never = DeviceView { id: "new".into(), last_seen: None, generation: None, online: false, ..device.clone() };
         let text = table(&[device, never], 61_000);
@@ -105,6 +106,7 @@ mod tests {
             stale: false,
             workloads: vec![],
             refused: Some(refusal(5)),
+            site: None,
         };
         assert_eq!(row(&device, 0)[2], "4/5 (refused 5)");
         let past = DeviceView { refused: Some(refusal(3)), ..device };

@@ -136,6 +136,7 @@ mod tests {
                 })
                 .collect(),
             refused: None,
+            site: None,
         }
     }
 

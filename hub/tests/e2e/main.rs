@@ -8,6 +8,7 @@ mod broker;
 mod cli;
 mod commands;
 mod epoch;
+mod federation;
 mod fleet;
 mod identity;
 mod mosquitto;

@@ -1,0 +1,237 @@
+//! A site hub's link to its parent hub (docs/federation.md): one MQTT
+//! client of the parent's broker, with a persistent session and a last will
+//! that tells the parent the site is gone.
+//!
+//! Up: what the site's devices said is queued in the store as it is applied
+//! (sync.rs), and sent from here oldest first, in compressed batches, one
+//! batch in flight; the parent's ack drops what it stored. The queue is on
+//! disk, so a cut of days or a restart of the site hub loses nothing, and
+//! the parent skips items it already has, so nothing arrives twice.
+//!
+//! Down: the parent publishes each of the site's devices' desired states,
+//! retained; the site stores a newer one and serves it to the device.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_proto::federation::{SiteAck, SiteBatch, SiteChannel, SiteTopics, Upward};
+use outpost_proto::sync::{decode, encode, DesiredMessage, Encoding, Presence, PROTOCOL_VERSION};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::store::Store;
+use crate::sync::{now_ms, Publisher};
+
+/// Items per batch, and about how many bytes before compression.
+const BATCH_ITEMS: usize = 500;
+const BATCH_BYTES: usize = 256 * 1024;
+/// A batch the parent has not acknowledged by then is sent again.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// A decompressed batch larger than this is refused (a zstd bomb).
+pub const MAX_BATCH: u64 = 16 << 20;
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub site: String,
+    pub token: String,
+    pub topics: SiteTopics,
+    pub encoding: Encoding,
+}
+
+/// Compresses an encoded batch for the WAN.
+pub fn compress(bytes: &[u8]) -> Vec<u8> {
+    zstd::encode_all(bytes, 3).expect("compressing in memory does not fail")
+}
+
+/// Decompresses a batch, refusing one that would grow beyond [`MAX_BATCH`].
+pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, String> {
+    let decoder = zstd::stream::read::Decoder::new(payload).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    decoder.take(MAX_BATCH + 1).read_to_end(&mut bytes).map_err(|e| format!("not a zstd frame: {e}"))?;
+    if bytes.len() as u64 > MAX_BATCH {
+        return Err(format!("it decompresses to more than {MAX_BATCH} bytes"));
+    }
+    Ok(bytes)
+}
+
+pub fn start(
+    settings: Settings,
+    store: Store,
+    publisher: Publisher,
+    wake: Arc<Notify>,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let mut options = MqttOptions::new(&settings.site, &settings.host, settings.port);
+    let offline = encode(settings.encoding, &Presence { v: PROTOCOL_VERSION, online: false });
+    let presence = settings.topics.topic(&settings.site, &SiteChannel::Presence);
+    options
+        .set_clean_session(false)
+        .set_credentials(&settings.site, &settings.token)
+        .set_keep_alive(KEEP_ALIVE)
+        .set_max_packet_size(BATCH_BYTES * 4, BATCH_BYTES * 4)
+        .set_last_will(LastWill::new(presence, offline, QoS::AtLeastOnce, true));
+    let (client, event_loop) = AsyncClient::new(options, 64);
+    let link = Link { client, store, publisher, settings, in_flight: None };
+    tokio::spawn(link.run(event_loop, wake, shutdown))
+}
+
+struct Link {
+    client: AsyncClient,
+    store: Store,
+    publisher: Publisher,
+    settings: Settings,
+    /// The highest item of the batch sent and not acknowledged yet, and
+    /// when it was sent.
+    in_flight: Option<(u64, Instant)>,
+}
+
+impl Link {
+    async fn run(mut self, mut event_loop: rumqttc::EventLoop, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = FIRST_BACKOFF;
+        let mut connected = false;
+        loop {
+            let ack_due = self.in_flight.map_or_else(Instant::now, |(_, sent)| sent + ACK_TIMEOUT);
+            let event = tokio::select! {
+                event = event_loop.poll() => Some(event),
+                _ = wake.notified() => None,
+                _ = tokio::time::sleep_until(ack_due), if self.in_flight.is_some() => {
+                    debug!("the parent did not acknowledge the last batch in time: sending it again");
+                    self.in_flight = None;
+                    None
+                }
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            match event {
+                Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    info!(
+                        site = self.settings.site,
+                        session_present = ack.session_present,
+                        "connected to the parent hub"
+                    );
+                    backoff = FIRST_BACKOFF;
+                    connected = true;
+                    self.in_flight = None;
+                    if let Err(e) = self.on_connect().await {
+                        return error!("the link to the parent hub stops: {e}");
+                    }
+                }
+                Some(Ok(Event::Incoming(Packet::Publish(publish)))) => self.on_message(&publish),
+                Some(Ok(_)) | None => {}
+                Some(Err(e)) => {
+                    if connected {
+                        warn!("the link to the parent hub went: {e}; the site keeps working and queues for it");
+                    } else {
+                        debug!("the parent hub cannot be reached: {e}; trying again in {backoff:?}");
+                    }
+                    connected = false;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait_for(|stop| *stop) => return,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            }
+            if connected && self.in_flight.is_none() {
+                if let Err(e) = self.send_batch().await {
+                    return error!("the link to the parent hub stops: {e}");
+                }
+            }
+        }
+    }
+
+    /// Subscribes, says the site is online, and queues every device's
+    /// presence: the parent marked them offline when the site went.
+    async fn on_connect(&self) -> Result<(), rumqttc::ClientError> {
+        let (site, topics) = (&self.settings.site, &self.settings.topics);
+        self.client.subscribe(topics.all_desired(site), QoS::AtLeastOnce).await?;
+        self.client.subscribe(topics.topic(site, &SiteChannel::Ack), QoS::AtLeastOnce).await?;
+        let online = encode(self.settings.encoding, &Presence { v: PROTOCOL_VERSION, online: true });
+        self.client.publish(topics.topic(site, &SiteChannel::Presence), QoS::AtLeastOnce, true, online).await?;
+        let now = now_ms();
+        match self.store.devices() {
+            Ok(devices) => {
+                for device in devices.into_iter().filter(|d| d.first_seen.is_some()) {
+                    let presence = Upward::Presence(Presence { v: PROTOCOL_VERSION, online: device.online });
+                    if let Err(e) = self.store.push_upward(&device.id, presence, now) {
+                        error!(device = device.id, "cannot queue the device's presence for the parent: {e}");
+                    }
+                }
+            }
+            Err(e) => error!("cannot read the devices to tell the parent their presence: {e}"),
+        }
+        Ok(())
+    }
+
+    async fn send_batch(&mut self) -> Result<(), rumqttc::ClientError> {
+        let items = match self.store.upward(BATCH_ITEMS, BATCH_BYTES) {
+            Ok(items) => items,
+            Err(e) => {
+                error!("cannot read the queue to the parent: {e}");
+                return Ok(());
+            }
+        };
+        let Some(last) = items.last().map(|item| item.seq) else { return Ok(()) };
+        let count = items.len();
+        let encoded = encode(self.settings.encoding, &SiteBatch { v: PROTOCOL_VERSION, items });
+        let payload = compress(&encoded);
+        debug!(count, last, bytes = payload.len(), uncompressed = encoded.len(), "sending a batch to the parent");
+        let topic = self.settings.topics.topic(&self.settings.site, &SiteChannel::Up);
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await?;
+        self.in_flight = Some((last, Instant::now()));
+        Ok(())
+    }
+
+    fn on_message(&mut self, publish: &Publish) {
+        let Some((site, channel)) = self.settings.topics.parse(&publish.topic) else { return };
+        if site != self.settings.site {
+            return;
+        }
+        match channel {
+            SiteChannel::Ack => match decode::<SiteAck>(&publish.payload) {
+                Ok(ack) => {
+                    if let Err(e) = self.store.ack_upward(ack.seq) {
+                        error!("cannot drop what the parent acknowledged: {e}");
+                    }
+                    if self.in_flight.is_some_and(|(last, _)| ack.seq >= last) {
+                        self.in_flight = None;
+                    }
+                }
+                Err(e) => warn!("dropped an ack from the parent that does not decode: {e}"),
+            },
+            SiteChannel::Desired(device) => match decode::<DesiredMessage>(&publish.payload) {
+                Ok(message) => self.store_desired(&device, message),
+                Err(e) => warn!(device, "dropped a desired state from the parent that does not decode: {e}"),
+            },
+            SiteChannel::Up | SiteChannel::Presence => {}
+        }
+    }
+
+    /// The parent's generations only grow: an older one (a retained
+    /// message delivered again) changes nothing.
+    fn store_desired(&self, device: &str, message: DesiredMessage) {
+        if !crate::registry::valid_device_id(device) {
+            return warn!(device, "dropped a desired state for a device whose id is not valid");
+        }
+        let newer = match self.store.desired(device) {
+            Ok(stored) => stored.is_none_or(|s| s.generation < message.state.generation),
+            Err(e) => return error!(device, "cannot read the device's desired state: {e}"),
+        };
+        if !newer {
+            return;
+        }
+        info!(device, generation = message.state.generation, "a desired state from the parent");
+        if let Err(e) = self.store.put_desired(device, &message.state) {
+            return error!(device, "cannot store the desired state from the parent: {e}");
+        }
+        self.publisher.desired_changed(device);
+    }
+}

@@ -1,0 +1,150 @@
+//! A cloud hub with a site hub below it, over a WAN link the tests cut and
+//! restore with a proxy (docs/federation.md); simulated devices at the site.
+
+use std::time::Duration;
+
+use hub::config::Upstream;
+use hub::{BrokerSetting, Config};
+use testkit::proxy::CuttingProxy;
+
+use crate::support::*;
+
+const SITE: &str = "rig-7";
+const SITE_TOKEN: &str = "site-token";
+
+/// A cloud hub that knows the site, and the WAN proxy in front of its broker.
+async fn cloud(dir: &std::path::Path) -> (TestHub, CuttingProxy) {
+    let config = Config {
+        sites: [(SITE.to_string(), SITE_TOKEN.to_string())].into(),
+        devices: Default::default(),
+        ..config(dir)
+    };
+    let cloud = TestHub::start(config).await;
+    let wan = CuttingProxy::start(cloud.mqtt).await.unwrap();
+    (cloud, wan)
+}
+
+fn site_config(dir: &std::path::Path, wan: &CuttingProxy) -> Config {
+    let upstream = Upstream {
+        mqtt: BrokerSetting::External { host: "127.0.0.1".into(), port: wan.addr().port() },
+        site: SITE.into(),
+        token: SITE_TOKEN.into(),
+    };
+    Config { upstream: Some(upstream), ..config(dir) }
+}
+
+#[tokio::test]
+async fn reports_and_events_made_while_the_wan_is_cut_reach_the_cloud_once_after_it_returns() {
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cloud, wan) = cloud(cloud_dir.path()).await;
+    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.report(&report(1, true, 0, &[("web", "running")], &[])).await;
+    pump.events(&[1, 2]).await;
+    let view = cloud
+        .wait_for_device("pump-3", "its report through the site", |d| d["report_seq"] == 1 && d["event_seq"] == 2)
+        .await;
+    assert_eq!(view["site"], SITE, "{view}");
+    assert_eq!(view["online"], true, "{view}");
+
+    wan.set_link_down(true);
+    cloud.wait_for_device("pump-3", "offline with its site", |d| d["online"] == false).await;
+    pump.report(&report(2, false, 0, &[("web", "exited")], &[])).await;
+    pump.events(&[3, 4, 5]).await;
+    // The site answers for the device meanwhile: it is managed on site.
+    site.wait_for_device("pump-3", "the report at the site", |d| d["report_seq"] == 2 && d["event_seq"] == 5).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(cloud.device("pump-3").await["event_seq"], 2, "nothing crossed the cut link");
+
+    wan.set_link_down(false);
+    let view = cloud
+        .wait_for_device("pump-3", "what it said during the cut", |d| {
+            d["report_seq"] == 2 && d["event_seq"] == 5 && d["online"] == true
+        })
+        .await;
+    assert_eq!(workloads(&view)["web"], "exited", "{view}");
+    assert_eq!(cloud.event_seqs("pump-3").await, [1, 2, 3, 4, 5], "each event once");
+    let (_, sites) = cloud.get("/v1/sites").await;
+    assert_eq!(sites[0]["id"], SITE, "{sites}");
+    assert_eq!(sites[0]["online"], true, "{sites}");
+    site.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test]
+async fn a_desired_state_set_at_the_cloud_during_the_cut_reaches_the_device_when_the_wan_returns() {
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cloud, wan) = cloud(cloud_dir.path()).await;
+    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let mut pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.report(&report(1, true, 0, &[], &[])).await;
+    cloud.wait_for_device("pump-3", "known through the site", |d| d["site"] == SITE).await;
+
+    cloud.set_generation("pump-3", 1).await;
+    assert_eq!(pump.desired(1).await.state.generation, 1);
+
+    wan.set_link_down(true);
+    cloud.wait_for_device("pump-3", "offline with its site", |d| d["online"] == false).await;
+    cloud.set_generation("pump-3", 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(pump.drain().is_empty(), "nothing crossed the cut link");
+    wan.set_link_down(false);
+    assert_eq!(pump.desired(2).await.state.generation, 2);
+    site.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test]
+async fn a_site_hub_restarted_during_the_cut_loses_nothing_it_queued() {
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cloud, wan) = cloud(cloud_dir.path()).await;
+    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.events(&[1]).await;
+    cloud.wait_for_device("pump-3", "its first event", |d| d["event_seq"] == 1).await;
+
+    wan.set_link_down(true);
+    pump.events(&[2, 3]).await;
+    site.wait_for_device("pump-3", "the events at the site", |d| d["event_seq"] == 3).await;
+    drop(pump);
+    site.stop().await;
+    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    wan.set_link_down(false);
+    cloud.wait_for_device("pump-3", "the events queued before the restart", |d| d["event_seq"] == 3).await;
+    assert_eq!(cloud.event_seqs("pump-3").await, [1, 2, 3]);
+    site.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test]
+async fn a_site_hub_cannot_speak_for_another_sites_topics_or_a_device_directly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cloud, _wan) = cloud(dir.path()).await;
+    let mut options = rumqttc::MqttOptions::new(SITE, "127.0.0.1", cloud.mqtt.port());
+    options.set_credentials(SITE, SITE_TOKEN);
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
+    let subacks = tokio::spawn(async move {
+        let mut codes = Vec::new();
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(ack))) => {
+                    codes.extend(ack.return_codes);
+                    if codes.len() == 3 {
+                        return codes;
+                    }
+                }
+                Ok(_) => {}
+                // Held off until the hub subscribed: polling again reconnects.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    for filter in ["outpost/v1/sites/rig-8/desired/+", "outpost/v1/pump-3/desired", "outpost/v1/sites/rig-7/desired/+"]
+    {
+        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).await.unwrap();
+    }
+    let codes = within(WAIT, subacks).await.expect("three subacks").unwrap();
+    use rumqttc::SubscribeReasonCode::{Failure, Success};
+    assert_eq!(codes, [Failure, Failure, Success(rumqttc::QoS::AtLeastOnce)]);
+    cloud.stop().await;
+}
