@@ -71,6 +71,11 @@ pub struct Upstream {
     pub site: String,
     /// This site's token at the parent.
     pub token: String,
+    /// The parent's HTTP API, "http://host:port": the site cache fetches
+    /// images and artifacts it lacks from the parent's cache, so each
+    /// crosses the WAN once. None: from the registries themselves.
+    #[serde(default)]
+    pub http: Option<String>,
 }
 
 /// The `[cache]` table: the site cache under `data-dir/cache`.
@@ -234,6 +239,11 @@ impl Config {
         if let Some(upstream) = &self.upstream {
             if upstream.mqtt == BrokerSetting::Embedded {
                 return invalid("upstream.mqtt must be the parent's broker, \"mqtt://host:port\"".to_string());
+            }
+            if let Some(http) =
+                upstream.http.as_deref().filter(|h| !h.starts_with("http://") && !h.starts_with("https://"))
+            {
+                return invalid(format!("upstream.http {http:?} must be the parent's API, \"http://host:port\""));
             }
             if !valid_device_id(&upstream.site) || upstream.token.is_empty() {
                 return invalid(format!(

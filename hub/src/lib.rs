@@ -230,6 +230,7 @@ impl Hub {
             self.cache.clone(),
             self.config.cache.clone(),
             self.config.insecure_registries.clone(),
+            self.config.upstream.as_ref().and_then(|u| u.http.clone()),
         );
         // The site cache's and enrollment's routes are their own; every other
         // path falls to the API's "no endpoint".

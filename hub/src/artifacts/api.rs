@@ -63,6 +63,11 @@ async fn get_artifact(
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
     let digest = parse_digest(&digest)?;
+    match mirror.ensure_artifact(&digest).await {
+        Ok(_) => {}
+        Err(MirrorError::NotFound(why)) => return Err(error(StatusCode::NOT_FOUND, why)),
+        Err(e) => return Err(error(StatusCode::BAD_GATEWAY, e.to_string())),
+    }
     match mirror.cache().open_blob(&digest).await.map_err(internal)? {
         Some(blob) => Ok(serve(blob, &headers, OCTETS).await),
         None => Err(error(
@@ -105,6 +110,17 @@ fn tuf_file(file: &str) -> Result<&str, Failure> {
 
 async fn get_tuf(State(mirror): State<Arc<Mirror>>, Path(file): Path<String>) -> Result<Response, Failure> {
     let role = tuf_file(&file)?;
+    // A site hub asks its parent first and keeps what it got; with the WAN
+    // down it serves the last copy, which devices judge by its expiry.
+    match mirror.parent_tuf(&file).await {
+        Some(Ok(bytes)) => {
+            mirror.cache().set_tuf(role, &bytes).map_err(internal)?;
+            return Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response());
+        }
+        Some(Err(MirrorError::NotFound(why))) => return Err(error(StatusCode::NOT_FOUND, why)),
+        Some(Err(e)) => tracing::warn!("site cache: serving the last {file} kept: {e}"),
+        None => {}
+    }
     match mirror.cache().tuf(role).map_err(internal)? {
         Some(bytes) => Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response()),
         None => Err(error(StatusCode::NOT_FOUND, format!("no {file} yet: push it with `hub tuf push DIR`"))),

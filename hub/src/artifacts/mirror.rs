@@ -1,6 +1,8 @@
 //! The pull-through mirror: what the site's devices ask of `/v2/` and the
 //! cache does not hold is fetched from the image's registry, verified, stored
-//! and then served. A blob is fetched whole before it is served (no
+//! and then served. A site hub with a parent (`[upstream] http`) asks its
+//! parent's mirror instead, for images and for `/v1/artifacts` alike, so
+//! each blob crosses the WAN once per site (docs/federation.md). A blob is fetched whole before it is served (no
 //! streaming to the first client while it arrives), by one task per digest
 //! however many devices ask at once; that task is not tied to any request, so
 //! a device giving up does not waste what was already fetched.
@@ -53,23 +55,49 @@ pub struct Upstream {
 
 type Outcome = Option<Result<(), MirrorError>>;
 
+/// Where a missing blob comes from.
+enum Source {
+    Registry(Upstream),
+    /// The parent hub's `/v1/artifacts`, at this base URL.
+    Parent(String),
+}
+
 pub struct Mirror {
     cache: Cache,
     client: Client,
+    /// For the parent's `/v1/artifacts`.
+    http: reqwest::Client,
     config: CacheConfig,
+    /// The parent hub's HTTP base URL, on a site hub.
+    parent: Option<String>,
     /// Blob fetches under way, by digest: later requests wait for the same one.
     inflight: Mutex<HashMap<Digest, watch::Receiver<Outcome>>>,
 }
 
 impl Mirror {
-    pub fn new(cache: Cache, config: CacheConfig, insecure_registries: Vec<String>) -> Arc<Self> {
+    pub fn new(
+        cache: Cache,
+        config: CacheConfig,
+        mut insecure_registries: Vec<String>,
+        parent: Option<String>,
+    ) -> Arc<Self> {
+        let parent = parent.map(|p| p.trim_end_matches('/').to_string());
+        // The parent's mirror is a registry too, spoken to as its URL says.
+        if let Some(host) = parent.as_deref().and_then(|p| p.strip_prefix("http://")) {
+            insecure_registries.push(host.to_string());
+        }
         let client = Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(insecure_registries),
             connect_timeout: Some(CONNECT_TIMEOUT),
             read_timeout: Some(READ_TIMEOUT),
             ..Default::default()
         });
-        Arc::new(Self { cache, client, config, inflight: Mutex::new(HashMap::new()) })
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .build()
+            .expect("a default HTTP client builds");
+        Arc::new(Self { cache, client, http, config, parent, inflight: Mutex::new(HashMap::new()) })
     }
 
     pub fn cache(&self) -> &Cache {
@@ -97,6 +125,11 @@ impl Mirror {
                 "registry {registry} is not in the hub's [cache] upstream-registries ({}): add it there to mirror it",
                 allowed.join(", ")
             )));
+        }
+        // The parent's mirror takes the registry as the name's first part.
+        if let Some(parent) = &self.parent {
+            let host = parent.trim_start_matches("http://").trim_start_matches("https://");
+            return Ok(Upstream { registry: host.to_string(), repository: format!("{registry}/{repository}") });
         }
         Ok(Upstream { registry, repository })
     }
@@ -162,6 +195,38 @@ impl Mirror {
             return Ok(());
         }
         let upstream = self.upstream(name)?;
+        self.ensure(digest, Source::Registry(upstream)).await
+    }
+
+    /// Makes sure an artifact is in the cache: on a site hub, fetched from
+    /// the parent once. False when it is missing and there is no parent.
+    pub async fn ensure_artifact(self: &Arc<Self>, digest: &Digest) -> Result<bool, MirrorError> {
+        if self.cache.has(digest) {
+            return Ok(true);
+        }
+        let Some(parent) = self.parent.clone() else { return Ok(false) };
+        self.ensure(digest, Source::Parent(parent)).await.map(|()| true)
+    }
+
+    /// The parent's TUF metadata file, fresh; None without a parent.
+    pub async fn parent_tuf(&self, file: &str) -> Option<Result<Vec<u8>, MirrorError>> {
+        let url = format!("{}/v1/tuf/{file}", self.parent.as_ref()?);
+        let fetched = async {
+            let response =
+                self.http.get(&url).send().await.map_err(|e| MirrorError::Upstream(format!("{url}: {e}")))?;
+            if response.status() == reqwest::StatusCode::NOT_FOUND {
+                return Err(MirrorError::NotFound(format!("the parent hub has no {file}")));
+            }
+            if !response.status().is_success() {
+                return Err(MirrorError::Upstream(format!("{url} answered {}", response.status())));
+            }
+            let bytes = response.bytes().await.map_err(|e| MirrorError::Upstream(format!("{url}: {e}")))?;
+            Ok(bytes.to_vec())
+        };
+        Some(fetched.await)
+    }
+
+    async fn ensure(self: &Arc<Self>, digest: &Digest, source: Source) -> Result<(), MirrorError> {
         let mut outcome = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             // A fetch that just finished removed itself before this lock was taken.
@@ -175,7 +240,10 @@ impl Mirror {
                     let mirror = self.clone();
                     let digest = *digest;
                     tokio::spawn(async move {
-                        let result = mirror.fetch_blob(&upstream, &digest).await;
+                        let result = match &source {
+                            Source::Registry(upstream) => mirror.fetch_blob(upstream, &digest).await,
+                            Source::Parent(parent) => mirror.fetch_artifact(parent, &digest).await,
+                        };
                         mirror.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&digest);
                         done.send_replace(Some(result));
                     });
@@ -206,6 +274,28 @@ impl Mirror {
                 "the blob {name} from registry {} was refused, not cached: {e}",
                 upstream.registry
             ))),
+        }
+    }
+}
+
+impl Mirror {
+    async fn fetch_artifact(&self, parent: &str, digest: &Digest) -> Result<(), MirrorError> {
+        let url = format!("{parent}/v1/artifacts/{digest}");
+        tracing::info!("site cache: fetching {digest} from the parent hub");
+        let upstream = |e: reqwest::Error| MirrorError::Upstream(format!("cannot fetch {url}: {e}"));
+        let response = self.http.get(&url).send().await.map_err(upstream)?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Err(MirrorError::NotFound(format!("neither this hub nor its parent has artifact {digest}")));
+        }
+        let response = response.error_for_status().map_err(upstream)?;
+        let length = response.content_length();
+        let stream = response.bytes_stream().map(|chunk| {
+            chunk.map_err(|e| CacheError::Transfer(format!("the parent hub: {}", outpost_proto::error_chain(&e))))
+        });
+        match self.cache.insert(digest, length, stream, false).await {
+            Ok(_) => Ok(()),
+            Err(e @ (CacheError::Io { .. } | CacheError::TooLarge { .. })) => Err(cache_error(e)),
+            Err(e) => Err(MirrorError::Upstream(format!("artifact {digest} from the parent hub was refused: {e}"))),
         }
     }
 }

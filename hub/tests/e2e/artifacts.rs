@@ -20,24 +20,24 @@ use crate::support::{config, TestHub};
 const KB: u64 = 1024;
 const LAYER: usize = 2 << 20;
 
-fn random_bytes(len: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(len: usize) -> Vec<u8> {
     let mut bytes = vec![0u8; len];
     SystemRandom::new().fill(&mut bytes).unwrap();
     bytes
 }
 
-fn host(hub: &TestHub) -> String {
+pub(crate) fn host(hub: &TestHub) -> String {
     hub.api.trim_start_matches("http://").to_string()
 }
 
-async fn put_artifact(hub: &TestHub, digest: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+pub(crate) async fn put_artifact(hub: &TestHub, digest: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
     let response =
         reqwest::Client::new().put(format!("{}/v1/artifacts/{digest}", hub.api)).body(body).send().await.unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
 /// Pulls `name:tag` through the hub's mirror as a registry client would.
-async fn pull_through(hub_host: &str, name: &str, tag: &str) -> ImageData {
+pub(crate) async fn pull_through(hub_host: &str, name: &str, tag: &str) -> ImageData {
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(vec![hub_host.to_string()]),
         ..Default::default()

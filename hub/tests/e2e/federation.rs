@@ -7,6 +7,7 @@ use hub::config::Upstream;
 use hub::{BrokerSetting, Config};
 use testkit::proxy::CuttingProxy;
 
+use crate::artifacts::{host, pull_through, put_artifact, random_bytes};
 use crate::support::*;
 
 const SITE: &str = "rig-7";
@@ -29,6 +30,7 @@ fn site_config(dir: &std::path::Path, wan: &CuttingProxy) -> Config {
         mqtt: BrokerSetting::External { host: "127.0.0.1".into(), port: wan.addr().port() },
         site: SITE.into(),
         token: SITE_TOKEN.into(),
+        http: None,
     };
     Config { upstream: Some(upstream), ..config(dir) }
 }
@@ -146,5 +148,74 @@ async fn a_site_hub_cannot_speak_for_another_sites_topics_or_a_device_directly()
     let codes = within(WAIT, subacks).await.expect("three subacks").unwrap();
     use rumqttc::SubscribeReasonCode::{Failure, Success};
     assert_eq!(codes, [Failure, Failure, Success(rumqttc::QoS::AtLeastOnce)]);
+    cloud.stop().await;
+}
+
+/// A site hub whose cache asks the cloud's through `wan_http`.
+fn site_with_cache(dir: &std::path::Path, wan: &CuttingProxy, wan_http: &CuttingProxy) -> Config {
+    let mut config = site_config(dir, wan);
+    config.upstream.as_mut().unwrap().http = Some(format!("http://{}", wan_http.host()));
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_crosses_the_wan_once_for_all_the_sites_devices_and_is_served_while_the_wan_is_cut() {
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cloud, wan) = cloud(cloud_dir.path()).await;
+    let artifact = random_bytes(1 << 20);
+    let digest = ota::Digest::of(&artifact).to_string();
+    assert_eq!(put_artifact(&cloud, &digest, artifact.clone()).await.0, 201);
+    let timestamp = br#"{"signed": {"_type": "timestamp"}, "signatures": []}"#.to_vec();
+    let pushed = reqwest::Client::new().put(format!("{}/v1/tuf/timestamp.json", cloud.api)).body(timestamp.clone());
+    assert_eq!(pushed.send().await.unwrap().status(), 204);
+    let wan_http = CuttingProxy::start(host(&cloud).parse().unwrap()).await.unwrap();
+    let site = TestHub::start(site_with_cache(site_dir.path(), &wan, &wan_http)).await;
+
+    let get = |path: String| async move { reqwest::get(path).await.unwrap().bytes().await.unwrap().to_vec() };
+    let url = format!("{}/v1/artifacts/{digest}", site.api);
+    let (a, b, c) = tokio::join!(get(url.clone()), get(url.clone()), get(url.clone()));
+    assert!(a == artifact && b == artifact && c == artifact, "every device gets the artifact");
+    let crossed = wan_http.downstream_bytes();
+    assert!(
+        crossed < artifact.len() as u64 + 16 * 1024,
+        "{crossed} bytes crossed the WAN for one {} byte artifact",
+        artifact.len()
+    );
+    assert_eq!(get(format!("{}/v1/tuf/timestamp.json", site.api)).await, timestamp);
+
+    wan_http.set_link_down(true);
+    assert_eq!(get(url).await, artifact, "served from the site cache while the WAN is cut");
+    assert_eq!(get(format!("{}/v1/tuf/timestamp.json", site.api)).await, timestamp, "the last metadata kept");
+    let missing = reqwest::get(format!("{}/v1/artifacts/{}", site.api, ota::Digest::of(b"other"))).await.unwrap();
+    assert_eq!(missing.status(), 502, "an artifact the site never had cannot be fetched while the WAN is cut");
+    site.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_pulled_at_the_site_comes_through_the_clouds_mirror_once() {
+    use testkit::image::{build_oci_layout, RunConfig};
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let registry = testkit::Registry::start().unwrap();
+    let layout = cloud_dir.path().join("layout");
+    let layer = testkit::layers::random_file("data", 1 << 20).unwrap();
+    build_oci_layout(&layout, "app:1", &[layer], &RunConfig::default()).unwrap();
+    registry.push(&layout, "app:1").unwrap();
+    let registry_host = registry.addr().to_string();
+    let mut cloud_config =
+        Config { sites: [(SITE.to_string(), SITE_TOKEN.to_string())].into(), ..config(&cloud_dir.path().join("hub")) };
+    cloud_config.insecure_registries = vec![registry_host.clone()];
+    let cloud = TestHub::start(cloud_config).await;
+    let wan = CuttingProxy::start(cloud.mqtt).await.unwrap();
+    let wan_http = CuttingProxy::start(host(&cloud).parse().unwrap()).await.unwrap();
+    let site = TestHub::start(site_with_cache(site_dir.path(), &wan, &wan_http)).await;
+
+    let name = format!("{registry_host}/app");
+    let site_host = host(&site);
+    let (first, second) = tokio::join!(pull_through(&site_host, &name, "1"), pull_through(&site_host, &name, "1"));
+    assert_eq!(first.layers[0].data, second.layers[0].data);
+    let crossed = wan_http.downstream_bytes();
+    assert!(crossed < (1 << 20) + 64 * 1024, "{crossed} bytes crossed the WAN for a 1 MiB layer pulled twice");
+    site.stop().await;
     cloud.stop().await;
 }
