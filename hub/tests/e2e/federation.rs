@@ -219,3 +219,57 @@ async fn an_image_pulled_at_the_site_comes_through_the_clouds_mirror_once() {
     site.stop().await;
     cloud.stop().await;
 }
+
+#[tokio::test]
+async fn a_rollout_started_at_the_cloud_during_the_cut_counts_the_site_offline_and_completes_after_it_returns() {
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cloud, wan) = cloud(cloud_dir.path()).await;
+    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let mut pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.report(&report(1, true, 0, &[], &[])).await;
+    cloud.wait_for_device("pump-3", "known through the site", |d| d["site"] == SITE && d["online"] == true).await;
+
+    wan.set_link_down(true);
+    cloud.wait_for_device("pump-3", "offline with its site", |d| d["online"] == false).await;
+    let spec = serde_json::json!({
+        "name": "app",
+        "strategy": { "waves": ["100%"], "min-healthy": "0s", "device-timeout": "1s" },
+        "workloads": [{ "name": "web", "image": pinned("web:1") }],
+    });
+    let (status, body) = cloud.put("/v1/deployments/app", &spec.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let offline = within(WAIT, async {
+        loop {
+            let (_, status) = cloud.get("/v1/deployments/app").await;
+            if status["rollout"]["counts"]["offline"] == 1 {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the cut site's device counted offline");
+    assert_eq!(offline["rollout"]["counts"]["failed"], 0, "{offline}");
+
+    wan.set_link_down(false);
+    let desired = pump.desired_with("app", 1).await;
+    let generation = desired.state.generation;
+    let mut running = report(2, true, generation, &[("web", "running")], &[]);
+    running.workloads[0].deployment = Some("app".into());
+    running.workloads[0].revision = Some(1);
+    pump.report(&running).await;
+    let complete = within(WAIT, async {
+        loop {
+            let (_, status) = cloud.get("/v1/deployments/app").await;
+            if status["rollout"]["state"] == "complete" {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the rollout completes once the site is back");
+    assert_eq!(complete["rollout"]["counts"]["healthy"], 1, "{complete}");
+    site.stop().await;
+    cloud.stop().await;
+}
