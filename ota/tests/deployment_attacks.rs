@@ -77,6 +77,25 @@ fn a_deployment_signed_by_the_threshold_of_deployments_keys_verifies_also_after_
     verify_deployment(&serde_json::from_str(&json).unwrap(), &op.root).unwrap();
 }
 
+// Found by the signed_deployments fuzz target: serde_json without
+// float_roundtrip read some 17-digit numbers back one step off, so a
+// deployment signed from TOML was refused once it went through JSON.
+#[test]
+fn a_cpu_quota_with_17_significant_digits_verifies_after_json_and_cbor_round_trips() {
+    let op = Operator::new();
+    let mut d = deployment();
+    d.workloads[0].resources.cpus = Some(27.958190151922622);
+    for k in &op.deployment_keys {
+        sign_deployment(&mut d, k).unwrap();
+    }
+    let json = serde_json::to_vec_pretty(&d).unwrap();
+    let from_json: Deployment = serde_json::from_slice(&json).unwrap();
+    assert_eq!(from_json.workloads[0].resources.cpus, Some(27.958190151922622));
+    verify_deployment(&from_json, &op.root).unwrap();
+    let cbor = outpost_proto::sync::encode(outpost_proto::sync::Encoding::Cbor, &d);
+    verify_deployment(&outpost_proto::sync::decode(&cbor).unwrap(), &op.root).unwrap();
+}
+
 #[test]
 fn a_workload_whose_image_digest_changed_after_signing_is_refused_naming_the_deployment_and_key() {
     let op = Operator::new();
