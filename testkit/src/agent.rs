@@ -43,6 +43,9 @@ pub struct Agent {
     pub run: TempDir,
     pub cgroup_parent: String,
     pub extra_args: Vec<String>,
+    /// The network namespace the daemon runs in (entered with nsenter, which,
+    /// unlike `ip netns exec`, leaves /sys and its cgroups mounted); none: the test's.
+    pub netns: Option<String>,
     daemon: Mutex<Option<Child>>,
 }
 
@@ -52,8 +55,15 @@ impl Agent {
         let data = tempfile::Builder::new().prefix("outpost-data-").tempdir().expect("temp dir");
         let run = tempfile::Builder::new().prefix("outpost-run-").tempdir().expect("temp dir");
         let cgroup_parent = format!("outpost-test-{}", run.path().file_name().unwrap().to_string_lossy());
-        let mut agent =
-            Self { binary: agent_binary(), data, run, cgroup_parent, extra_args: Vec::new(), daemon: Mutex::new(None) };
+        let mut agent = Self {
+            binary: agent_binary(),
+            data,
+            run,
+            cgroup_parent,
+            extra_args: Vec::new(),
+            netns: None,
+            daemon: Mutex::new(None),
+        };
         agent.use_config("");
         agent
     }
@@ -81,7 +91,19 @@ impl Agent {
     }
 
     pub fn command(&self) -> Command {
-        let mut command = Command::new(self.binary);
+        self.command_in(None)
+    }
+
+    /// As `command`, inside network namespace `netns` when one is given.
+    fn command_in(&self, netns: Option<&str>) -> Command {
+        let mut command = match netns {
+            Some(ns) => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(self.binary);
+                command
+            }
+            None => Command::new(self.binary),
+        };
         command
             .arg("--data-dir")
             .arg(self.data.path())
@@ -162,8 +184,9 @@ impl Agent {
             .append(true)
             .open(self.data.path().join("daemon.log"))
             .expect("daemon log");
+        // nsenter execs the agent: the child's pid is the daemon's.
         let child = self
-            .command()
+            .command_in(self.netns.as_deref())
             .arg("daemon")
             .env("OUTPOST_LOG", "info")
             .stdin(Stdio::null())

@@ -29,6 +29,8 @@ pub struct Hub {
     /// Where devices connect: the embedded broker, or the external one.
     pub mqtt: SocketAddr,
     config: PathBuf,
+    /// The network namespace it runs in (entered with nsenter); none: the test's.
+    netns: Option<String>,
     process: Mutex<Option<Child>>,
 }
 
@@ -71,19 +73,35 @@ impl Hub {
 
     /// Writes the configuration, `broker` its broker's part, and starts the hub.
     fn start_with(mqtt: SocketAddr, broker: &str) -> Self {
-        let data = tempfile::Builder::new().prefix("outpost-hub-").tempdir().expect("temp dir");
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let config = format!("data-dir = {:?}\nhttp = \"{http}\"\n{broker}", data.path().join("store"));
+        Self::configured(None, http, mqtt, &format!("http = \"{http}\"\n{broker}"))
+    }
+
+    /// A hub with the configuration `config` (everything but `data-dir`),
+    /// inside network namespace `netns` when one is given; its API answers
+    /// at `http` and devices connect at `mqtt`, as seen from the test.
+    pub fn configured(netns: Option<&str>, http: SocketAddr, mqtt: SocketAddr, config: &str) -> Self {
+        let data = tempfile::Builder::new().prefix("outpost-hub-").tempdir().expect("temp dir");
+        let config = format!("data-dir = {:?}\n{config}", data.path().join("store"));
         let path = data.path().join("hub.toml");
         std::fs::write(&path, config).unwrap();
-        let hub = Self { data, http, mqtt, config: path, process: Mutex::new(None) };
+        let netns = netns.map(str::to_string);
+        let hub = Self { data, http, mqtt, config: path, netns, process: Mutex::new(None) };
         hub.start();
         hub
     }
 
     pub fn start(&self) {
         let log = std::fs::File::options().create(true).append(true).open(self.data.path().join("hub.log")).unwrap();
-        let child = Command::new(hub_binary())
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(hub_binary());
+                command
+            }
+            None => Command::new(hub_binary()),
+        };
+        let child = command
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -112,14 +130,20 @@ impl Hub {
         std::fs::read_to_string(self.data.path().join("hub.log")).unwrap_or_default()
     }
 
-    /// An operator command (`hub devices`, `hub set-desired`...) against this hub.
+    /// An operator command (`hub devices`, `hub set-desired`...) against this
+    /// hub. A hub in a network namespace is asked from inside it, on its
+    /// loopback (it listens on every address there): an operator on site,
+    /// who needs no WAN.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(hub_binary())
-            .arg("--hub-url")
-            .arg(format!("http://{}", self.http))
-            .args(args)
-            .output()
-            .expect("cannot run hub")
+        let (mut command, url) = match &self.netns {
+            Some(ns) => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(hub_binary());
+                (command, format!("http://127.0.0.1:{}", self.http.port()))
+            }
+            None => (Command::new(hub_binary()), format!("http://{}", self.http)),
+        };
+        command.arg("--hub-url").arg(url).args(args).output().expect("cannot run hub")
     }
 
     /// Sets a device's desired state from a document's text, signed by the

@@ -9,6 +9,7 @@ pub mod hub;
 pub mod image;
 pub mod layers;
 pub mod mosquitto;
+pub mod netns;
 pub mod proxy;
 pub mod registry;
 pub mod trust;

@@ -108,6 +108,11 @@ impl ApiClient {
         }
     }
 
+    /// The device's events numbered after `after`, oldest first.
+    pub async fn events(&self, id: &str, after: u64) -> Result<Vec<outpost_proto::Event>, ClientError> {
+        self.send(self.http.get(self.url(&[id, "events"])).query(&[("after", after)])).await
+    }
+
     pub async fn desired(&self, id: &str) -> Result<DesiredState, ClientError> {
         self.send(self.http.get(self.url(&[id, "desired"]))).await
     }

@@ -8,6 +8,7 @@ mod client;
 mod config;
 mod deployments;
 mod devices;
+mod events;
 mod identity;
 mod label;
 mod logs;
@@ -64,6 +65,8 @@ pub enum Command {
     Rollout(rollout::Command),
     /// Restart a workload on a device.
     Restart(restart::Args),
+    /// List a device's events as this hub stored them.
+    Events(events::Args),
     /// Print a workload's last log lines, asked from the device.
     Logs(logs::Args),
     /// List the devices held for approval (unknown-devices = "hold").
@@ -108,6 +111,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Deployment(command) => deployments::run(&client()?, command).await,
             Command::Rollout(command) => rollout::run(&client()?, command).await,
             Command::Restart(args) => restart::run(&client()?, args).await,
+            Command::Events(args) => events::run(&client()?, args).await,
             Command::Logs(args) => logs::run(&client()?, args).await,
             Command::Pending(args) => approval::pending(&client()?, args).await,
             Command::Approve(args) => approval::approve(&client()?, args).await,
