@@ -8,6 +8,7 @@ use hub::{BrokerSetting, Config};
 use testkit::proxy::CuttingProxy;
 
 use crate::artifacts::{host, pull_through, put_artifact, random_bytes};
+use crate::rollouts::rollout_reaches;
 use crate::support::*;
 
 const SITE: &str = "rig-7";
@@ -238,17 +239,9 @@ async fn a_rollout_started_at_the_cloud_during_the_cut_counts_the_site_offline_a
     });
     let (status, body) = cloud.put("/v1/deployments/app", &spec.to_string()).await;
     assert_eq!(status, 200, "{body}");
-    let offline = within(WAIT, async {
-        loop {
-            let (_, status) = cloud.get("/v1/deployments/app").await;
-            if status["rollout"]["counts"]["offline"] == 1 {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the cut site's device counted offline");
+    let offline =
+        rollout_reaches(&cloud, "app", "the cut site's device offline", |s| s["rollout"]["counts"]["offline"] == 1)
+            .await;
     assert_eq!(offline["rollout"]["counts"]["failed"], 0, "{offline}");
 
     wan.set_link_down(false);
@@ -258,18 +251,51 @@ async fn a_rollout_started_at_the_cloud_during_the_cut_counts_the_site_offline_a
     running.workloads[0].deployment = Some("app".into());
     running.workloads[0].revision = Some(1);
     pump.report(&running).await;
-    let complete = within(WAIT, async {
-        loop {
-            let (_, status) = cloud.get("/v1/deployments/app").await;
-            if status["rollout"]["state"] == "complete" {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the rollout completes once the site is back");
+    let complete = rollout_reaches(&cloud, "app", "complete", |s| s["rollout"]["state"] == "complete").await;
     assert_eq!(complete["rollout"]["counts"]["healthy"], 1, "{complete}");
     site.stop().await;
     cloud.stop().await;
+}
+
+#[tokio::test]
+async fn with_two_sites_a_cut_at_one_leaves_the_other_reporting_and_each_device_reached_through_its_own_site() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let cloud = TestHub::start(Config {
+        sites: [(SITE.to_string(), SITE_TOKEN.to_string()), ("rig-8".to_string(), "other-token".to_string())].into(),
+        devices: Default::default(),
+        ..config(dirs[0].path())
+    })
+    .await;
+    let (wan_a, wan_b) =
+        (CuttingProxy::start(cloud.mqtt).await.unwrap(), CuttingProxy::start(cloud.mqtt).await.unwrap());
+    let site_a = TestHub::start(site_config(dirs[1].path(), &wan_a)).await;
+    let mut b_config = site_config(dirs[2].path(), &wan_b);
+    let upstream = b_config.upstream.as_mut().unwrap();
+    (upstream.site, upstream.token) = ("rig-8".into(), "other-token".into());
+    let site_b = TestHub::start(b_config).await;
+    let pump_a = DeviceSimulator::connect(site_a.mqtt, "pump-3", token("pump-3")).await;
+    let mut pump_b = DeviceSimulator::connect(site_b.mqtt, "pump-4", token("pump-4")).await;
+    pump_a.report(&report(1, true, 0, &[], &[])).await;
+    pump_b.report(&report(1, true, 0, &[], &[])).await;
+    cloud.wait_for_device("pump-3", "known through rig-7", |d| d["site"] == SITE).await;
+    cloud.wait_for_device("pump-4", "known through rig-8", |d| d["site"] == "rig-8").await;
+
+    wan_a.set_link_down(true);
+    cloud.wait_for_device("pump-3", "offline with rig-7", |d| d["online"] == false).await;
+    pump_b.events(&[1]).await;
+    cloud.wait_for_device("pump-4", "its event through rig-8", |d| d["event_seq"] == 1 && d["online"] == true).await;
+    cloud.set_generation("pump-4", 1).await;
+    assert_eq!(pump_b.desired(1).await.state.generation, 1, "rig-8 serves its device while rig-7 is cut");
+
+    wan_a.set_link_down(false);
+    cloud.wait_for_device("pump-3", "back with rig-7", |d| d["online"] == true).await;
+    let (_, sites) = cloud.get("/v1/sites").await;
+    let devices_of = |site: &str| -> Vec<String> {
+        let site = sites.as_array().unwrap().iter().find(|s| s["id"] == site).unwrap();
+        site["devices"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!((devices_of(SITE), devices_of("rig-8")), (vec!["pump-3".to_string()], vec!["pump-4".to_string()]));
+    for hub in [site_a, site_b, cloud] {
+        hub.stop().await;
+    }
 }

@@ -43,7 +43,7 @@ async fn apply(hub: &TestHub, spec: &Value) -> Value {
     body
 }
 
-async fn rollout_reaches(hub: &TestHub, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn rollout_reaches(hub: &TestHub, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
     let found = within(WAIT, async {
         loop {
             let (_, status) = hub.get(&format!("/v1/deployments/{name}")).await;
