@@ -34,12 +34,17 @@ pub fn allows(topics: &Topics, client_id: &str, access: Access, topic: &str) -> 
 }
 
 /// Whether site hub `site` may publish to `topic` or subscribe to the
-/// filter `topic`: its batches and presence up, its devices' desired states
-/// and its acks down, each under its own site id (docs/federation.md).
+/// filter `topic`: its batches and presence up; its devices' desired states,
+/// its acks and its devices' commands down, each under its own site id
+/// (docs/federation.md).
 pub fn site_allows(topics: &SiteTopics, site: &str, access: Access, topic: &str) -> bool {
     match access {
         Access::Publish => [SiteChannel::Up, SiteChannel::Presence].iter().any(|c| topics.topic(site, c) == topic),
-        Access::Subscribe => topic == topics.all_desired(site) || topic == topics.topic(site, &SiteChannel::Ack),
+        Access::Subscribe => {
+            [topics.all_desired(site), topics.all_commands(site), topics.topic(site, &SiteChannel::Ack)]
+                .iter()
+                .any(|allowed| allowed == topic)
+        }
     }
 }
 
@@ -136,12 +141,15 @@ mod tests {
         assert!(allows(Access::Publish, "outpost/v1/sites/rig-7/presence"));
         assert!(allows(Access::Subscribe, "outpost/v1/sites/rig-7/desired/+"));
         assert!(allows(Access::Subscribe, "outpost/v1/sites/rig-7/ack"));
+        assert!(allows(Access::Subscribe, "outpost/v1/sites/rig-7/command/+"));
         for (access, topic) in [
             (Access::Publish, "outpost/v1/sites/rig-8/up"),
             (Access::Publish, "outpost/v1/sites/rig-7/ack"),
             (Access::Publish, "outpost/v1/sites/rig-7/desired/cam-1"),
             (Access::Publish, "outpost/v1/cam-1/reported"),
             (Access::Subscribe, "outpost/v1/sites/rig-8/desired/+"),
+            (Access::Subscribe, "outpost/v1/sites/rig-8/command/+"),
+            (Access::Publish, "outpost/v1/sites/rig-7/command/cam-1"),
             (Access::Subscribe, "outpost/v1/sites/+/desired/+"),
             (Access::Subscribe, "outpost/v1/sites/rig-7/#"),
             (Access::Subscribe, "outpost/v1/cam-1/desired"),

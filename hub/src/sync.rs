@@ -261,11 +261,8 @@ impl Applier {
                 .map(|batch| self.apply_upward(device, None, Upward::Events(batch), publish.retain, now, out)),
             Channel::Presence => decode::<Presence>(payload)
                 .map(|presence| self.apply_upward(device, None, Upward::Presence(presence), publish.retain, now, out)),
-            Channel::Logs => decode::<LogsMessage>(payload).map(|message| {
-                debug!(device, command = message.command, workload = message.workload, "logs from the device");
-                self.logs.lock().unwrap_or_else(PoisonError::into_inner).insert(device, message, now);
-                Ok(())
-            }),
+            Channel::Logs => decode::<LogsMessage>(payload)
+                .map(|message| self.apply_upward(device, None, Upward::Logs(message), false, now, out)),
             // The hub's own channels: not subscribed to.
             Channel::Desired | Channel::Ack | Channel::Command => return,
         };
@@ -305,9 +302,14 @@ impl Applier {
                 registry::store_events(&self.store, device, batch, now)?;
             }
             Upward::Presence(presence) => registry::set_presence(&self.store, device, presence, retained, now)?,
+            Upward::Logs(message) => {
+                debug!(device, command = message.command, workload = message.workload, "logs from the device");
+                self.logs.lock().unwrap_or_else(PoisonError::into_inner).insert(device, message.clone(), now);
+            }
         }
-        // A site hub acknowledges its devices itself; the parent acknowledges the site.
-        if site.is_none() && !matches!(message, Upward::Presence(_)) {
+        // A site hub acknowledges its devices itself; the parent acknowledges
+        // the site. Presence and logs replies are not numbered.
+        if site.is_none() && matches!(message, Upward::Report(_) | Upward::Events(_)) {
             out.acks.insert(device.to_string());
         }
         if self.upward.is_some() {
@@ -335,7 +337,7 @@ impl Applier {
                 Err(e) => return warn!(site, "dropped a site presence that does not decode: {e}"),
             },
             // The parent's own channels: not subscribed to.
-            SiteChannel::Ack | SiteChannel::Desired(_) => return,
+            SiteChannel::Ack | SiteChannel::Desired(_) | SiteChannel::Command(_) => return,
         };
         if let Err(e) = stored {
             error!(site, "cannot store a batch from the site: {e}");
@@ -451,13 +453,25 @@ impl Applier {
         }
         for (id, command_id) in out.full_report_commands {
             let message = CommandMessage { v: PROTOCOL_VERSION, id: command_id, command: Command::FullReport };
-            self.send(&id, Channel::Command, false, encode(self.encoding, &message)).await?;
+            self.send_command(&id, &message).await?;
         }
         for (id, message) in out.commands {
             info!(device = id, command = message.id, "sending an operator's command: {:?}", message.command);
-            self.send(&id, Channel::Command, false, encode(self.encoding, &message)).await?;
+            self.send_command(&id, &message).await?;
         }
         Ok(())
+    }
+
+    /// To the device, or through the site hub it is reached by.
+    async fn send_command(&self, device: &str, message: &CommandMessage) -> Result<(), rumqttc::ClientError> {
+        let payload = encode(self.encoding, message);
+        match (self.store.device(device), &self.site_topics) {
+            (Ok(Some(Device { site: Some(site), .. })), Some(sites)) => {
+                let topic = sites.topic(&site, &SiteChannel::Command(device.to_string()));
+                self.client.publish(topic, QoS::AtLeastOnce, false, payload).await
+            }
+            _ => self.send(device, Channel::Command, false, payload).await,
+        }
     }
 
     async fn send(

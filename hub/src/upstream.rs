@@ -9,14 +9,15 @@
 //! the parent skips items it already has, so nothing arrives twice.
 //!
 //! Down: the parent publishes each of the site's devices' desired states,
-//! retained; the site stores a newer one and serves it to the device.
+//! retained; the site stores a newer one and serves it to the device. The
+//! parent's commands for a device are passed on as they come.
 
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_proto::federation::{SiteAck, SiteBatch, SiteChannel, SiteTopics, Upward};
-use outpost_proto::sync::{decode, encode, DesiredMessage, Encoding, Presence, PROTOCOL_VERSION};
+use outpost_proto::sync::{decode, encode, CommandMessage, DesiredMessage, Encoding, Presence, PROTOCOL_VERSION};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -153,6 +154,7 @@ impl Link {
     async fn on_connect(&self) -> Result<(), rumqttc::ClientError> {
         let (site, topics) = (&self.settings.site, &self.settings.topics);
         self.client.subscribe(topics.all_desired(site), QoS::AtLeastOnce).await?;
+        self.client.subscribe(topics.all_commands(site), QoS::AtLeastOnce).await?;
         self.client.subscribe(topics.topic(site, &SiteChannel::Ack), QoS::AtLeastOnce).await?;
         let online = encode(self.settings.encoding, &Presence { v: PROTOCOL_VERSION, online: true });
         self.client.publish(topics.topic(site, &SiteChannel::Presence), QoS::AtLeastOnce, true, online).await?;
@@ -210,6 +212,15 @@ impl Link {
             SiteChannel::Desired(device) => match decode::<DesiredMessage>(&publish.payload) {
                 Ok(message) => self.store_desired(&device, message),
                 Err(e) => warn!(device, "dropped a desired state from the parent that does not decode: {e}"),
+            },
+            SiteChannel::Command(device) => match decode::<CommandMessage>(&publish.payload) {
+                // The parent's numbering, so the device's reply names the parent's command.
+                Ok(message) if crate::registry::valid_device_id(&device) => {
+                    info!(device, command = message.id, "passing on the parent's command: {:?}", message.command);
+                    self.publisher.command(&device, message);
+                }
+                Ok(_) => warn!(device, "dropped a command for a device whose id is not valid"),
+                Err(e) => warn!(device, "dropped a command from the parent that does not decode: {e}"),
             },
             SiteChannel::Up | SiteChannel::Presence => {}
         }

@@ -6,11 +6,13 @@
 //! parent applies each item as if the device had said it (its numbering
 //! drops what it has already) and acknowledges the highest item stored.
 //! Down, the parent publishes each of the site's devices' desired states,
-//! retained, on a topic per device, which the site stores and serves.
+//! retained, on a topic per device, which the site stores and serves, and
+//! operators' commands for them, which the site passes on (their logs
+//! replies come back up with the rest).
 
 use serde::{Deserialize, Serialize};
 
-use crate::sync::{EventBatch, Presence, Report};
+use crate::sync::{EventBatch, LogsMessage, Presence, Report};
 
 /// What a site topic carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +27,9 @@ pub enum SiteChannel {
     /// parent -> site, QoS 1, retained: a device's
     /// [`crate::sync::DesiredMessage`].
     Desired(String),
+    /// parent -> site, QoS 1: a [`crate::sync::CommandMessage`] for a device,
+    /// which the site passes on.
+    Command(String),
 }
 
 /// Topics under `{prefix}/sites/{site}/`.
@@ -44,12 +49,18 @@ impl SiteTopics {
             SiteChannel::Presence => format!("{}/{site}/presence", self.prefix),
             SiteChannel::Ack => format!("{}/{site}/ack", self.prefix),
             SiteChannel::Desired(device) => format!("{}/{site}/desired/{device}", self.prefix),
+            SiteChannel::Command(device) => format!("{}/{site}/command/{device}", self.prefix),
         }
     }
 
     /// Every device's desired state of one site, for the site's subscription.
     pub fn all_desired(&self, site: &str) -> String {
         format!("{}/{site}/desired/+", self.prefix)
+    }
+
+    /// Every device's commands of one site, for the site's subscription.
+    pub fn all_commands(&self, site: &str) -> String {
+        format!("{}/{site}/command/+", self.prefix)
     }
 
     /// Every site's topic of a site -> parent channel, for the parent's subscriptions.
@@ -67,6 +78,7 @@ impl SiteTopics {
             ("presence", None, _) => SiteChannel::Presence,
             ("ack", None, _) => SiteChannel::Ack,
             ("desired", Some(device), None) if !device.is_empty() => SiteChannel::Desired(device.to_string()),
+            ("command", Some(device), None) if !device.is_empty() => SiteChannel::Command(device.to_string()),
             _ => return None,
         };
         Some((site, channel))
@@ -97,6 +109,8 @@ pub enum Upward {
     Report(Report),
     Events(EventBatch),
     Presence(Presence),
+    /// The answer to a `send-logs` command the parent relayed.
+    Logs(LogsMessage),
 }
 
 /// parent -> site, retained: the highest item the parent stored.
@@ -123,6 +137,7 @@ mod tests {
             "outpost/v1/sites/rig-7/desired/cam-1"
         );
         assert_eq!(topics.all_desired("rig-7"), "outpost/v1/sites/rig-7/desired/+");
+        assert_eq!(topics.all_commands("rig-7"), "outpost/v1/sites/rig-7/command/+");
         for other in [
             "outpost/v1/cam-1/desired",
             "outpost/v1/sites/rig-7",

@@ -27,6 +27,9 @@ pub struct SiteDevice {
     /// Desired-state generation held here, and the one the device stored.
     pub desired_generation: Option<u64>,
     pub generation: Option<u64>,
+    /// Deployment revisions sent to the device that it has not stored yet
+    /// (`name@revision`): what waits for the site's link.
+    pub not_received: Vec<String>,
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Vec<SiteView>>, ApiError> {
@@ -41,6 +44,12 @@ pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Vec<SiteV
                 last_seen: d.last_seen,
                 desired_generation: state.store.desired(&d.id)?.map(|s| s.generation),
                 generation: d.generation,
+                not_received: d
+                    .rollouts
+                    .iter()
+                    .filter(|(_, sent)| d.generation.is_none_or(|g| g < sent.generation))
+                    .map(|(name, sent)| format!("{name}@{}", sent.revision))
+                    .collect(),
             });
         }
         sites.push(SiteView {

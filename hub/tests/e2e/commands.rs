@@ -15,7 +15,7 @@ fn hub_cli(api: &str, args: &[&str]) -> impl Future<Output = Output> + 'static {
     async move { command.output().await.unwrap() }
 }
 
-fn logs_reply(command: u64, workload: &str, lines: &[&str], error: Option<&str>) -> Vec<u8> {
+pub(crate) fn logs_reply(command: u64, workload: &str, lines: &[&str], error: Option<&str>) -> Vec<u8> {
     let message = LogsMessage {
         v: PROTOCOL_VERSION,
         command,
@@ -28,7 +28,7 @@ fn logs_reply(command: u64, workload: &str, lines: &[&str], error: Option<&str>)
 }
 
 /// Polls the API for the device's logs of `workload` until they answer command `id`.
-async fn logs_for(hub: &TestHub, workload: &str, id: u64) -> Value {
+pub(crate) async fn logs_for(hub: &TestHub, workload: &str, id: u64) -> Value {
     let found = within(WAIT, async {
         loop {
             let (status, body) = hub.get(&format!("/v1/devices/pump-3/logs/{workload}")).await;

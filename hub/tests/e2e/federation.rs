@@ -7,7 +7,10 @@ use hub::config::Upstream;
 use hub::{BrokerSetting, Config};
 use testkit::proxy::CuttingProxy;
 
+use outpost_proto::sync::Channel;
+
 use crate::artifacts::{host, pull_through, put_artifact, random_bytes};
+use crate::commands::{logs_for, logs_reply};
 use crate::rollouts::rollout_reaches;
 use crate::support::*;
 
@@ -243,6 +246,9 @@ async fn a_rollout_started_at_the_cloud_during_the_cut_counts_the_site_offline_a
         rollout_reaches(&cloud, "app", "the cut site's device offline", |s| s["rollout"]["counts"]["offline"] == 1)
             .await;
     assert_eq!(offline["rollout"]["counts"]["failed"], 0, "{offline}");
+    let (_, sites) = cloud.get("/v1/sites").await;
+    assert_eq!(sites[0]["online"], false, "{sites}");
+    assert_eq!(sites[0]["devices"][0]["not_received"], serde_json::json!(["app@1"]), "{sites}");
 
     wan.set_link_down(false);
     let desired = pump.desired_with("app", 1).await;
@@ -298,4 +304,26 @@ async fn with_two_sites_a_cut_at_one_leaves_the_other_reporting_and_each_device_
     for hub in [site_a, site_b, cloud] {
         hub.stop().await;
     }
+}
+
+#[tokio::test]
+async fn an_operators_command_at_the_cloud_reaches_a_device_behind_a_site_and_its_logs_come_back() {
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cloud, wan) = cloud(cloud_dir.path()).await;
+    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let mut pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.report(&report(1, true, 0, &[("web", "running")], &[])).await;
+    cloud.wait_for_device("pump-3", "known through the site", |d| d["site"] == SITE).await;
+
+    let (status, body) =
+        cloud.post("/v1/devices/pump-3/commands", r#"{"command":"send-logs","name":"web","tail":2}"#).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_u64().unwrap();
+    let command = pump.command().await;
+    assert_eq!(command.id, id, "the site passes the cloud's command on with the cloud's number");
+    pump.publish(Channel::Logs, false, logs_reply(id, "web", &["one", "two"], None)).await;
+    let reply = logs_for(&cloud, "web", id).await;
+    assert_eq!(reply["lines"], serde_json::json!(["one", "two"]), "{reply}");
+    site.stop().await;
+    cloud.stop().await;
 }
