@@ -327,3 +327,28 @@ async fn an_operators_command_at_the_cloud_reaches_a_device_behind_a_site_and_it
     site.stop().await;
     cloud.stop().await;
 }
+
+#[tokio::test]
+async fn events_streamed_through_a_wan_cut_every_few_acks_reach_the_cloud_each_once_and_in_order() {
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cloud, wan) = cloud(cloud_dir.path()).await;
+    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.events(&[1]).await;
+    cloud.wait_for_device("pump-3", "its first event", |d| d["event_seq"] == 1).await;
+
+    // The link to the cloud is cut each time 120 more bytes came down it
+    // (a few acks): batches in flight and acks are lost, over and over.
+    wan.cut_every(120);
+    for first in (2..=200).step_by(10) {
+        pump.events(&(first..first + 10).collect::<Vec<_>>()).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    site.wait_for_device("pump-3", "every event at the site", |d| d["event_seq"] == 201).await;
+    wan.cut_every(u64::MAX);
+    cloud.wait_for_device("pump-3", "every event at the cloud", |d| d["event_seq"] == 201).await;
+    assert_eq!(cloud.event_seqs("pump-3").await, (1..=201).collect::<Vec<u64>>(), "each event once, in order");
+    assert!(wan.cuts() >= 2, "the link was cut {} times", wan.cuts());
+    site.stop().await;
+    cloud.stop().await;
+}
