@@ -225,6 +225,7 @@ impl Hub {
             trust,
             policy: self.config.policy.clone(),
             registries: rollout::pin::Registries { insecure: self.config.insecure_registries.clone() },
+            site_hub: self.config.upstream.as_ref().map(|u| u.site.clone()),
         };
         let mirror = artifacts::Mirror::new(
             self.cache.clone(),

@@ -21,6 +21,7 @@ pub(super) async fn put(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<DesiredState>, ApiError> {
+    state.admission.refuse_on_site("desired states")?;
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the desired state must be UTF-8 JSON".into()))?;
     if !text.trim_start().starts_with('{') {

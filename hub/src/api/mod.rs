@@ -44,6 +44,23 @@ pub(crate) struct Admission {
     pub trust: Option<ota::metadata::Root>,
     pub policy: Policy,
     pub registries: Registries,
+    /// Set on a site hub: its parent's id for this site. Deployments and
+    /// desired states come from the parent; site-local ones are refused
+    /// until they can be merged with the parent's (docs/federation.md).
+    pub site_hub: Option<String>,
+}
+
+impl Admission {
+    /// Refuses a site-local change on a site hub, saying why and what to do.
+    fn refuse_on_site(&self, what: &str) -> Result<(), ApiError> {
+        match &self.site_hub {
+            Some(site) => Err(ApiError::Conflict(format!(
+                "this is the site hub of {site:?}: {what} come from its parent, which merges nothing from the site \
+                 yet; apply it at the parent hub (site-local deployments: docs/federation.md)"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 pub(crate) fn router(

@@ -352,3 +352,20 @@ async fn events_streamed_through_a_wan_cut_every_few_acks_reach_the_cloud_each_o
     site.stop().await;
     cloud.stop().await;
 }
+
+#[tokio::test]
+async fn a_site_hub_refuses_site_local_deployments_and_desired_states_saying_to_apply_them_at_the_parent() {
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cloud, wan) = cloud(cloud_dir.path()).await;
+    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let spec = serde_json::json!({ "name": "app", "workloads": [{ "name": "web", "image": pinned("web:1") }] });
+    let (status, body) = site.put("/v1/deployments/app", &spec.to_string()).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("apply it at the parent hub"), "{body}");
+    let (status, body) = site.put("/v1/devices/pump-3/desired", &desired_json(1)).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = cloud.put("/v1/deployments/app", &spec.to_string()).await;
+    assert_eq!(status, 200, "the parent takes it");
+    site.stop().await;
+    cloud.stop().await;
+}
