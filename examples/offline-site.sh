@@ -26,7 +26,10 @@ pids=()
 
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    sleep 1
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
     # The workload outlives its agent (its shim): remove it too.
     for name in $("$bin/edge-agent" --data-dir "$work/device" --run-dir "$work/device-run" ps --json 2>/dev/null |
         grep -o '"name": *"[^"]*"' | cut -d'"' -f4); do
@@ -39,7 +42,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-in_ns() { local ns=$1; shift; nsenter --net="/run/netns/$ns" -- "$@"; }
 step() { printf '\n==> %s\n' "$*"; }
 
 step "the network: cloud (this host, 10.214.1.1) --WAN-- site (10.214.1.2 | 10.214.2.1) --LAN-- device (10.214.2.2)"
@@ -88,7 +90,8 @@ site = "shop-12"
 token = "site-token"
 http = "http://10.214.1.1:18180"
 TOML
-in_ns "$site_ns" "$bin/hub" serve --config "$work/site.toml" > "$work/site.log" 2>&1 &
+# nsenter execs the program: $! is the hub's own pid.
+nsenter --net="/run/netns/$site_ns" -- "$bin/hub" serve --config "$work/site.toml" > "$work/site.log" 2>&1 &
 pids+=($!)
 
 step "the device: an edge-agent in the device's namespace, with a small busybox image"
@@ -102,14 +105,14 @@ TOML
 agent=("$bin/edge-agent" --config "$work/agent.toml" --data-dir "$work/device" --run-dir "$work/device-run")
 "$bin/busybox-image" "$work/image" busybox:demo >/dev/null
 "${agent[@]}" import "$work/image" >/dev/null
-in_ns "$dev_ns" "${agent[@]}" daemon > "$work/agent.log" 2>&1 &
+nsenter --net="/run/netns/$dev_ns" -- "${agent[@]}" daemon > "$work/agent.log" 2>&1 &
 pids+=($!)
 
 cloud=("$bin/hub" --hub-url http://10.214.1.1:18180)
-site=(in_ns "$site_ns" "$bin/hub" --hub-url http://127.0.0.1:8080)
+site=(nsenter --net="/run/netns/$site_ns" -- "$bin/hub" --hub-url http://127.0.0.1:8080)
 wait_for() {
     local what=$1; shift
-    for _ in $(seq 1 150); do
+    for _ in $(seq 1 600); do
         if "$@" >/dev/null 2>&1; then return 0; fi
         sleep 0.2
     done
@@ -150,7 +153,7 @@ echo "--- the device runs on:"
 echo "--- the cloud cannot see any of it yet: its view of the device is as the cut left it."
 "${cloud[@]}" devices
 
-step "the WAN comes back (ip link set outpost-wan up)"
+step "the WAN comes back (ip link set outpost-wan up); the site's link notices and reconnects"
 ip link set outpost-wan up
 wait_for "the cloud catching up" bash -c \
     "[ \"\$($(printf '%q ' "${cloud[@]}") devices --json | grep -o '\"report_seq\": [0-9]*')\" = \
