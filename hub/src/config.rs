@@ -76,6 +76,21 @@ pub struct Upstream {
     /// crosses the WAN once. None: from the registries themselves.
     #[serde(default)]
     pub http: Option<String>,
+    /// MQTT over TLS to the parent's `mqtts-listen`: the parent's CA
+    /// certificate, and this site's certificate (common name: the site id,
+    /// from `hub issue-cert SITE --csr FILE` at the parent) and key. With
+    /// them the token is not used.
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// The `[upstream.tls]` table: PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct UpstreamTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The `[cache]` table: the site cache under `data-dir/cache`.
@@ -245,9 +260,9 @@ impl Config {
             {
                 return invalid(format!("upstream.http {http:?} must be the parent's API, \"http://host:port\""));
             }
-            if !valid_device_id(&upstream.site) || upstream.token.is_empty() {
+            if !valid_device_id(&upstream.site) || (upstream.token.is_empty() && upstream.tls.is_none()) {
                 return invalid(format!(
-                    "upstream: site {:?} needs a valid id and its token at the parent",
+                    "upstream: site {:?} needs a valid id, and its token at the parent or [upstream.tls]",
                     upstream.site
                 ));
             }

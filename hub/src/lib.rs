@@ -49,6 +49,8 @@ pub struct Hub {
     hub_subscribed: Arc<AtomicBool>,
     /// The CA and the server certificate, when a listener uses TLS.
     tls: Option<Tls>,
+    /// A site hub's TLS to its parent (`[upstream.tls]`), read at start.
+    upstream_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// What the TLS listeners need.
@@ -136,7 +138,9 @@ impl Hub {
                 Some((broker, hub_token))
             }
         };
-        Ok(Self { config, store, cache, broker, broker_store, hub_subscribed, tls })
+        let upstream_tls =
+            config.upstream.as_ref().and_then(|u| u.tls.as_ref()).map(upstream::tls_config).transpose()?;
+        Ok(Self { config, store, cache, broker, broker_store, hub_subscribed, tls, upstream_tls })
     }
 
     /// Where the embedded broker listens, if the hub runs one.
@@ -200,6 +204,7 @@ impl Hub {
                     port: *port,
                     site: upstream.site.clone(),
                     token: upstream.token.clone(),
+                    tls: self.upstream_tls.clone(),
                     topics: outpost_proto::federation::SiteTopics::new(&self.config.topic_prefix),
                     encoding: self.config.encoding,
                 };

@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use outpost_proto::federation::{SiteAck, SiteBatch, SiteChannel, SiteTopics, Upward};
 use outpost_proto::sync::{decode, encode, CommandMessage, DesiredMessage, Encoding, Presence, PROTOCOL_VERSION};
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_rustls::rustls;
 use tracing::{debug, error, info, warn};
 
 use crate::store::Store;
@@ -45,8 +46,36 @@ pub struct Settings {
     pub port: u16,
     pub site: String,
     pub token: String,
+    /// TLS with this site's certificate, instead of the token.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub topics: SiteTopics,
     pub encoding: Encoding,
+}
+
+/// The TLS client configuration from `[upstream.tls]`: the parent's CA and
+/// this site's certificate and key.
+pub fn tls_config(tls: &crate::config::UpstreamTls) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = |path: &std::path::Path| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("upstream.tls: cannot read the certificates in {}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certs(&tls.ca)? {
+        roots.add(ca).context("upstream.tls.ca: not a CA certificate")?;
+    }
+    let chain = certs(&tls.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .with_context(|| format!("upstream.tls.key: cannot read the key in {}", tls.key.display()))?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .context("upstream.tls: the certificate and key do not go together")?;
+    Ok(Arc::new(config))
 }
 
 /// Compresses an encoded batch for the WAN.
@@ -75,9 +104,17 @@ pub fn start(
     let mut options = MqttOptions::new(&settings.site, &settings.host, settings.port);
     let offline = encode(settings.encoding, &Presence { v: PROTOCOL_VERSION, online: false });
     let presence = settings.topics.topic(&settings.site, &SiteChannel::Presence);
+    match &settings.tls {
+        // The parent knows the site by its certificate's common name.
+        Some(tls) => {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
+        }
+        None => {
+            options.set_credentials(&settings.site, &settings.token);
+        }
+    }
     options
         .set_clean_session(false)
-        .set_credentials(&settings.site, &settings.token)
         .set_keep_alive(KEEP_ALIVE)
         .set_max_packet_size(BATCH_BYTES * 4, BATCH_BYTES * 4)
         .set_last_will(LastWill::new(presence, offline, QoS::AtLeastOnce, true));

@@ -244,6 +244,7 @@ async fn main() -> anyhow::Result<()> {
         site: SITE.into(),
         token: SITE_TOKEN.into(),
         http: Some(format!("http://{}", wan.http.addr())),
+        tls: None,
     };
     let site = start_hub(Config {
         devices: tokens(&devices),

@@ -35,6 +35,7 @@ fn site_config(dir: &std::path::Path, wan: &CuttingProxy) -> Config {
         site: SITE.into(),
         token: SITE_TOKEN.into(),
         http: None,
+        tls: None,
     };
     Config { upstream: Some(upstream), ..config(dir) }
 }

@@ -31,11 +31,16 @@ struct TlsHub {
 
 impl TlsHub {
     async fn start(data_dir: &Path) -> Self {
+        Self::start_with(config(data_dir)).await
+    }
+
+    /// `config` with every TLS listener on loopback.
+    async fn start_with(config: hub::Config) -> Self {
         let config = hub::Config {
             mqtts_listen: Some("127.0.0.1:0".parse().unwrap()),
             enroll_listen: Some("127.0.0.1:0".parse().unwrap()),
             http_tls: true,
-            ..config(data_dir)
+            ..config
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = format!("https://{}", listener.local_addr().unwrap());
@@ -174,4 +179,42 @@ async fn a_certificate_used_under_another_client_id_or_signed_by_another_ca_is_r
     // And the plain listener still takes tokens.
     let _pump3 = DeviceSimulator::connect(hub.mqtt, "pump-3", token("pump-3")).await;
     hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_site_hub_enrolled_at_its_parent_syncs_over_mqtts_with_its_certificate_and_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = TlsHub::start_with(hub::Config {
+        sites: [("rig-7".to_string(), "unused-token".to_string())].into(),
+        ..config(&dir.path().join("cloud"))
+    })
+    .await;
+    // The site enrolls with a one-time token, as a device does.
+    let enroll_token = cloud.cli(&["enroll-token", "rig-7"]).await.trim().to_string();
+    let paths = IdentityPaths::under(&dir.path().join("site-identity"));
+    enroll(&cloud, &enroll_token, "rig-7", &paths).await.expect("the site enrolled");
+
+    let upstream = hub::config::Upstream {
+        mqtt: hub::BrokerSetting::External { host: "127.0.0.1".into(), port: cloud.mqtts.port() },
+        site: "rig-7".into(),
+        token: String::new(),
+        http: None,
+        tls: Some(hub::config::UpstreamTls { ca: paths.ca.clone(), cert: paths.cert.clone(), key: paths.key.clone() }),
+    };
+    let site = TestHub::start(hub::Config { upstream: Some(upstream), ..config(&dir.path().join("site")) }).await;
+    let pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.events(&[1, 2]).await;
+    let found = within(WAIT, async {
+        loop {
+            let device = device_view(&cloud, "pump-3").await;
+            if device["event_seq"] == 2 && device["site"] == "rig-7" {
+                return device;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(found.is_some(), "the site's device never reached the cloud over mqtts");
+    site.stop().await;
+    cloud.stop().await;
 }
