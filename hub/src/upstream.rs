@@ -19,7 +19,7 @@ use std::time::Duration;
 use outpost_proto::federation::{SiteAck, SiteBatch, SiteChannel, SiteTopics, Upward};
 use outpost_proto::sync::{decode, encode, CommandMessage, DesiredMessage, Encoding, Presence, PROTOCOL_VERSION};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_rustls::rustls;
@@ -119,8 +119,66 @@ pub fn start(
         .set_max_packet_size(BATCH_BYTES * 4, BATCH_BYTES * 4)
         .set_last_will(LastWill::new(presence, offline, QoS::AtLeastOnce, true));
     let (client, event_loop) = AsyncClient::new(options, 64);
+    // The event loop is polled by a task of its own and never cancelled
+    // but at shutdown: rumqttc does not promise that dropping a poll is safe.
+    let (incoming, rx) = mpsc::unbounded_channel();
+    let poller = tokio::spawn(poll(event_loop, incoming, shutdown.clone()));
     let link = Link { client, store, publisher, settings, in_flight: None };
-    tokio::spawn(link.run(event_loop, wake, shutdown))
+    tokio::spawn(async move {
+        link.run(rx, wake, shutdown).await;
+        let _ = poller.await;
+    })
+}
+
+/// What the poller tells the link.
+enum Incoming {
+    Connected,
+    Message(Publish),
+    Lost,
+}
+
+async fn poll(
+    mut event_loop: rumqttc::EventLoop,
+    incoming: mpsc::UnboundedSender<Incoming>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    let mut connected = false;
+    loop {
+        let event = tokio::select! {
+            event = event_loop.poll() => event,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let told = match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                info!(session_present = ack.session_present, "connected to the parent hub");
+                backoff = FIRST_BACKOFF;
+                connected = true;
+                Incoming::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => Incoming::Message(publish),
+            Ok(_) => continue,
+            Err(e) => {
+                if connected {
+                    warn!("the link to the parent hub went: {e}; the site keeps working and queues for it");
+                    let _ = incoming.send(Incoming::Lost);
+                } else {
+                    debug!("the parent hub cannot be reached: {e}; trying again in {backoff:?}");
+                }
+                connected = false;
+                // Polling again reconnects; the pause is ours.
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        if incoming.send(told).is_err() {
+            return;
+        }
+    }
 }
 
 struct Link {
@@ -134,13 +192,17 @@ struct Link {
 }
 
 impl Link {
-    async fn run(mut self, mut event_loop: rumqttc::EventLoop, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = FIRST_BACKOFF;
+    async fn run(
+        mut self,
+        mut incoming: mpsc::UnboundedReceiver<Incoming>,
+        wake: Arc<Notify>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut connected = false;
         loop {
             let ack_due = self.in_flight.map_or_else(Instant::now, |(_, sent)| sent + ACK_TIMEOUT);
-            let event = tokio::select! {
-                event = event_loop.poll() => Some(event),
+            let told = tokio::select! {
+                told = incoming.recv() => Some(told),
                 _ = wake.notified() => None,
                 _ = tokio::time::sleep_until(ack_due), if self.in_flight.is_some() => {
                     debug!("the parent did not acknowledge the last batch in time: sending it again");
@@ -149,36 +211,18 @@ impl Link {
                 }
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
-            match event {
-                Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                    info!(
-                        site = self.settings.site,
-                        session_present = ack.session_present,
-                        "connected to the parent hub"
-                    );
-                    backoff = FIRST_BACKOFF;
+            match told {
+                Some(Some(Incoming::Connected)) => {
                     connected = true;
                     self.in_flight = None;
                     if let Err(e) = self.on_connect().await {
                         return error!("the link to the parent hub stops: {e}");
                     }
                 }
-                Some(Ok(Event::Incoming(Packet::Publish(publish)))) => self.on_message(&publish),
-                Some(Ok(_)) | None => {}
-                Some(Err(e)) => {
-                    if connected {
-                        warn!("the link to the parent hub went: {e}; the site keeps working and queues for it");
-                    } else {
-                        debug!("the parent hub cannot be reached: {e}; trying again in {backoff:?}");
-                    }
-                    connected = false;
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.wait_for(|stop| *stop) => return,
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
-                }
+                Some(Some(Incoming::Message(publish))) => self.on_message(&publish),
+                Some(Some(Incoming::Lost)) => connected = false,
+                Some(None) => return,
+                None => {}
             }
             if connected && self.in_flight.is_none() {
                 if let Err(e) = self.send_batch().await {
