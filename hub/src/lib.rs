@@ -18,6 +18,7 @@ mod logs;
 mod pki;
 mod registry;
 pub mod rollout;
+mod site;
 mod store;
 mod sync;
 mod upstream;
@@ -214,7 +215,8 @@ impl Hub {
         };
 
         info!("HTTP API listening on {}", http_listener.local_addr()?);
-        let engine = rollout::engine::Engine::new(self.store.clone(), publisher.clone());
+        let engine =
+            rollout::engine::Engine::new(self.store.clone(), publisher.clone(), self.config.upstream.is_some());
         let rollouts = engine.clone().start(stopping.clone());
         let trust = match &self.config.trust_root {
             Some(path) => {

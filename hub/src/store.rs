@@ -152,6 +152,25 @@ pub struct Store {
     outbox: sled::Tree,
     /// A parent hub's sites: id -> `Site`.
     sites: sled::Tree,
+    /// A site hub's two sources of each device's desired state, which it
+    /// composes (site.rs): device id -> `Source`.
+    parent_desired: sled::Tree,
+    local_desired: sled::Tree,
+}
+
+/// One source of a site device's desired state: its deployments, and when
+/// each last changed (Unix milliseconds), which decides a name in both.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Source {
+    /// The parent's generation; 0 for the site's own deployments.
+    pub generation: u64,
+    pub deployments: Vec<outpost_proto::Deployment>,
+    pub changed_at: BTreeMap<String, u64>,
+    /// Site generation -> the parent generation it held, newest last (a
+    /// bounded window): a report of a site generation goes up as the
+    /// parent's.
+    pub generations: Vec<(u64, u64)>,
 }
 
 impl Store {
@@ -167,6 +186,8 @@ impl Store {
             enroll_tokens: db.open_tree("enroll_tokens")?,
             outbox: db.open_tree("outbox")?,
             sites: db.open_tree("sites")?,
+            parent_desired: db.open_tree("parent_desired")?,
+            local_desired: db.open_tree("local_desired")?,
             db,
             flushes: Arc::default(),
         })
@@ -438,6 +459,19 @@ impl Store {
         let out = change(&mut site);
         self.sites.insert(id, encode(&site))?;
         Ok(out)
+    }
+
+    /// What the parent sent for a device of this site (`parent = true`), or
+    /// what the site's own deployments make of it.
+    pub fn source(&self, id: &str, parent: bool) -> Result<Option<Source>, StoreError> {
+        let tree = if parent { &self.parent_desired } else { &self.local_desired };
+        tree.get(id)?.map(|bytes| decode(&bytes, id)).transpose()
+    }
+
+    pub fn put_source(&self, id: &str, parent: bool, source: &Source) -> Result<(), StoreError> {
+        let tree = if parent { &self.parent_desired } else { &self.local_desired };
+        tree.insert(id, encode(source))?;
+        Ok(())
     }
 
     /// Forgets a held device's request; false when there was none.

@@ -313,6 +313,8 @@ impl Applier {
             out.acks.insert(device.to_string());
         }
         if self.upward.is_some() {
+            let mut message = message;
+            crate::site::translate(&self.store, device, &mut message)?;
             self.store.push_upward(device, message, now)?;
             out.queued_upward = true;
         }

@@ -310,22 +310,25 @@ impl Link {
     }
 
     /// The parent's generations only grow: an older one (a retained
-    /// message delivered again) changes nothing.
+    /// message delivered again) changes nothing. The site composes it with
+    /// its own deployments (site.rs).
     fn store_desired(&self, device: &str, message: DesiredMessage) {
         if !crate::registry::valid_device_id(device) {
             return warn!(device, "dropped a desired state for a device whose id is not valid");
         }
-        let newer = match self.store.desired(device) {
+        let newer = match self.store.source(device, true) {
             Ok(stored) => stored.is_none_or(|s| s.generation < message.state.generation),
             Err(e) => return error!(device, "cannot read the device's desired state: {e}"),
         };
         if !newer {
             return;
         }
-        info!(device, generation = message.state.generation, "a desired state from the parent");
-        if let Err(e) = self.store.put_desired(device, &message.state) {
-            return error!(device, "cannot store the desired state from the parent: {e}");
+        let generation = message.state.generation;
+        info!(device, generation, "a desired state from the parent");
+        match crate::site::set_source(&self.store, device, true, generation, message.state.deployments, now_ms()) {
+            Ok(Some(_)) => self.publisher.desired_changed(device),
+            Ok(None) => {}
+            Err(e) => error!(device, "cannot store the desired state from the parent: {e}"),
         }
-        self.publisher.desired_changed(device);
     }
 }

@@ -44,9 +44,9 @@ pub(crate) struct Admission {
     pub trust: Option<ota::metadata::Root>,
     pub policy: Policy,
     pub registries: Registries,
-    /// Set on a site hub: its parent's id for this site. Deployments and
-    /// desired states come from the parent; site-local ones are refused
-    /// until they can be merged with the parent's (docs/federation.md).
+    /// Set on a site hub: its id at its parent. Desired states set by hand
+    /// are refused there: the site composes the parent's deployments with
+    /// its own (docs/federation.md), and a hand-set state would be neither.
     pub site_hub: Option<String>,
 }
 
@@ -55,8 +55,8 @@ impl Admission {
     fn refuse_on_site(&self, what: &str) -> Result<(), ApiError> {
         match &self.site_hub {
             Some(site) => Err(ApiError::Conflict(format!(
-                "this is the site hub of {site:?}: {what} come from its parent, which merges nothing from the site \
-                 yet; apply it at the parent hub (site-local deployments: docs/federation.md)"
+                "this is the site hub of {site:?}: {what} come from its parent and its site-local deployments; \
+                 apply a deployment here (`hub apply`) or at the parent hub (docs/federation.md)"
             ))),
             None => Ok(()),
         }

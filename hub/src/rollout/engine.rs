@@ -34,11 +34,13 @@ pub struct Engine {
     /// The last pass found no deployment and no device that runs one: until
     /// an operator applies one, passes have nothing to do.
     idle: Arc<AtomicBool>,
+    /// A site hub composes its deployments with its parent's (site.rs).
+    site: bool,
 }
 
 impl Engine {
-    pub fn new(store: Store, publisher: Publisher) -> Self {
-        Self { store, publisher, statuses: Arc::default(), passing: Arc::default(), idle: Arc::default() }
+    pub fn new(store: Store, publisher: Publisher, site: bool) -> Self {
+        Self { store, publisher, statuses: Arc::default(), passing: Arc::default(), idle: Arc::default(), site }
     }
 
     pub async fn status(&self, name: &str) -> Result<Option<DeploymentStatus>, StoreError> {
@@ -83,8 +85,10 @@ impl Engine {
         let mut passed = self.passing.lock().await;
         let store = self.store.clone();
         let now = crate::sync::now_ms();
-        let pass =
-            tokio::task::spawn_blocking(move || pass(&store, now)).await.expect("a rollout pass does not panic")?;
+        let site = self.site;
+        let pass = tokio::task::spawn_blocking(move || pass(&store, now, site))
+            .await
+            .expect("a rollout pass does not panic")?;
         self.idle.store(pass.idle, Ordering::Relaxed);
         *self.statuses.write().unwrap_or_else(|p| p.into_inner()) = pass.statuses;
         *passed = true;
@@ -171,7 +175,7 @@ fn step(record: &mut DeploymentRecord, reached: &[DeviceState], now: u64) -> boo
     true
 }
 
-fn pass(store: &Store, now: u64) -> Result<Pass, StoreError> {
+fn pass(store: &Store, now: u64, site: bool) -> Result<Pass, StoreError> {
     let devices = store.device_summaries()?;
     let by_id: HashMap<&str, &DeviceSummary> = devices.iter().map(|d| (d.id.as_str(), d)).collect();
     let mut records = store.deployment_records()?;
@@ -238,11 +242,20 @@ fn pass(store: &Store, now: u64) -> Result<Pass, StoreError> {
         if same {
             continue;
         }
-        let stored = store.desired(&device.id)?;
-        if stored.as_ref().map(|s| &s.deployments) == Some(&deployments) {
-            continue;
-        }
-        let generation = stored.map_or(1, |s| s.generation + 1);
+        let generation = if site {
+            // The site's own deployments are one source; the parent's the other.
+            let Some(generation) = crate::site::set_source(store, &device.id, false, 0, deployments.clone(), now)?
+            else {
+                continue;
+            };
+            generation
+        } else {
+            let stored = store.desired(&device.id)?;
+            if stored.as_ref().map(|s| &s.deployments) == Some(&deployments) {
+                continue;
+            }
+            stored.map_or(1, |s| s.generation + 1)
+        };
         store.update_device(&device.id, |d| {
             d.rollouts.retain(|name, _| deployments.iter().any(|dep| &dep.name == name));
             for dep in &deployments {
@@ -258,7 +271,9 @@ fn pass(store: &Store, now: u64) -> Result<Pass, StoreError> {
                 }
             }
         })?;
-        store.put_desired(&device.id, &DesiredState { version: DESIRED_STATE_VERSION, generation, deployments })?;
+        if !site {
+            store.put_desired(&device.id, &DesiredState { version: DESIRED_STATE_VERSION, generation, deployments })?;
+        }
         changed.push(device.id.clone());
     }
     Ok(Pass { statuses, changed, idle })

@@ -355,18 +355,84 @@ async fn events_streamed_through_a_wan_cut_every_few_acks_reach_the_cloud_each_o
 }
 
 #[tokio::test]
-async fn a_site_hub_refuses_site_local_deployments_and_desired_states_saying_to_apply_them_at_the_parent() {
+async fn a_site_hub_refuses_a_desired_state_set_by_hand_saying_to_apply_a_deployment() {
     let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (cloud, wan) = cloud(cloud_dir.path()).await;
     let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
-    let spec = serde_json::json!({ "name": "app", "workloads": [{ "name": "web", "image": pinned("web:1") }] });
-    let (status, body) = site.put("/v1/deployments/app", &spec.to_string()).await;
-    assert_eq!(status, 409, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("apply it at the parent hub"), "{body}");
     let (status, body) = site.put("/v1/devices/pump-3/desired", &desired_json(1)).await;
     assert_eq!(status, 409, "{body}");
-    let (status, _) = cloud.put("/v1/deployments/app", &spec.to_string()).await;
-    assert_eq!(status, 200, "the parent takes it");
+    assert!(body["error"].as_str().unwrap().contains("apply a deployment here"), "{body}");
+    site.stop().await;
+    cloud.stop().await;
+}
+
+/// The deployments of a desired state, as (name, revision, image of its first workload).
+fn running(desired: &outpost_proto::sync::DesiredMessage) -> Vec<(String, u64, String)> {
+    desired.state.deployments.iter().map(|d| (d.name.clone(), d.revision, d.workloads[0].image.clone())).collect()
+}
+
+/// A full report of every active workload of `desired` running.
+fn all_running(seq: u64, desired: &outpost_proto::sync::DesiredMessage) -> outpost_proto::sync::Report {
+    let mut out = report(seq, true, desired.state.generation, &[], &[]);
+    for d in &desired.state.deployments {
+        for w in d.active_workloads() {
+            let mut w_report = workload(&w.name, "running");
+            w_report.deployment = Some(d.name.clone());
+            w_report.revision = Some(d.revision);
+            out.workloads.push(w_report);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_site_local_deployment_applied_during_the_cut_runs_beside_the_clouds_and_the_cloud_wins_what_it_changes_after(
+) {
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cloud, wan) = cloud(cloud_dir.path()).await;
+    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let mut pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.report(&report(1, true, 0, &[], &[])).await;
+    cloud.wait_for_device("pump-3", "known through the site", |d| d["site"] == SITE).await;
+    let spec = |name: &str, workload: &str, image: &str| {
+        serde_json::json!({
+            "name": name,
+            "strategy": { "waves": ["100%"], "min-healthy": "0s" },
+            "workloads": [{ "name": workload, "image": pinned(image) }],
+        })
+        .to_string()
+    };
+    assert_eq!(cloud.put("/v1/deployments/app", &spec("app", "web", "web:1")).await.0, 200);
+    let desired = pump.desired_with("app", 1).await;
+    pump.report(&all_running(2, &desired)).await;
+    rollout_reaches(&cloud, "app", "complete", |s| s["rollout"]["state"] == "complete").await;
+    let parent_generation = cloud.device("pump-3").await["desired_generation"].clone();
+
+    // On site, with the WAN cut: a deployment the cloud does not know.
+    wan.set_link_down(true);
+    let (status, body) = site.put("/v1/deployments/kiosk", &spec("kiosk", "screen", "screen:1")).await;
+    assert_eq!(status, 200, "{body}");
+    let desired = pump.desired_with("kiosk", 1).await;
+    assert_eq!(running(&desired), [("app".into(), 1, pinned("web:1")), ("kiosk".into(), 1, pinned("screen:1"))]);
+    pump.report(&all_running(3, &desired)).await;
+
+    // Back: the cloud sees the site-local workload, and its own rollout still holds,
+    // the device's generation being the cloud's, not the site's.
+    wan.set_link_down(false);
+    let view =
+        cloud.wait_for_device("pump-3", "the site-local workload", |d| workloads(d).contains_key("screen")).await;
+    assert_eq!(view["generation"], parent_generation, "{view}");
+    let status = cloud.get("/v1/deployments/app").await.1;
+    assert_eq!(status["rollout"]["counts"]["healthy"], 1, "{status}");
+
+    // A name in both: the site's change, then the cloud's later one, each wins in turn.
+    assert_eq!(site.put("/v1/deployments/app", &spec("app", "web", "web:site")).await.0, 200);
+    let desired = pump.desired_with("app", 1).await;
+    let local_app = running(&desired).into_iter().find(|(name, ..)| name == "app").unwrap();
+    assert_eq!(local_app.2, pinned("web:site"), "the site changed app after the cloud");
+    assert_eq!(cloud.put("/v1/deployments/app", &spec("app", "web", "web:2")).await.0, 200);
+    let desired = pump.desired_with("app", 2).await;
+    assert_eq!(running(&desired), [("app".into(), 2, pinned("web:2")), ("kiosk".into(), 1, pinned("screen:1"))]);
     site.stop().await;
     cloud.stop().await;
 }
