@@ -45,10 +45,22 @@ pub struct DeviceView {
     /// The site hub the device is reached through (docs/federation.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
+    /// Deployments the device reports running that this hub did not send:
+    /// applied on site, at the device's site hub.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub site_local: Vec<String>,
 }
 
 impl DeviceView {
-    fn new(device: Device, desired_generation: Option<u64>) -> Self {
+    fn new(device: Device, desired: Option<&outpost_proto::DesiredState>) -> Self {
+        let sent = |name: &str| desired.is_some_and(|s| s.deployment(name).is_some());
+        let site_local: std::collections::BTreeSet<String> = device
+            .workloads
+            .values()
+            .filter_map(|w| w.deployment.clone())
+            .filter(|name| device.site.is_some() && !sent(name))
+            .collect();
+        let desired_generation = desired.map(|s| s.generation);
         Self {
             id: device.id,
             labels: device.labels,
@@ -66,13 +78,14 @@ impl DeviceView {
             workloads: device.workloads.into_values().collect(),
             refused: device.refused,
             site: device.site,
+            site_local: site_local.into_iter().collect(),
         }
     }
 }
 
 fn view(state: &AppState, device: Device) -> Result<DeviceView, ApiError> {
-    let desired_generation = state.store.desired(&device.id)?.map(|d| d.generation);
-    Ok(DeviceView::new(device, desired_generation))
+    let desired = state.store.desired(&device.id)?;
+    Ok(DeviceView::new(device, desired.as_ref()))
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Vec<DeviceView>>, ApiError> {

@@ -78,6 +78,7 @@ mod tests {
             workloads: vec![],
             refused: None,
             site: None,
+            site_local: Vec::new(),
         };
         let never = DeviceView { id: "new".into(), last_seen: None, generation: None, online: false, ..device.clone() };
         let text = table(&[device, never], 61_000);
@@ -107,6 +108,7 @@ mod tests {
             workloads: vec![],
             refused: Some(refusal(5)),
             site: None,
+            site_local: Vec::new(),
         };
         assert_eq!(row(&device, 0)[2], "4/5 (refused 5)");
         let past = DeviceView { refused: Some(refusal(3)), ..device };

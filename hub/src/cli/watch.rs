@@ -137,6 +137,7 @@ mod tests {
                 .collect(),
             refused: None,
             site: None,
+            site_local: Vec::new(),
         }
     }
 

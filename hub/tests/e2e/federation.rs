@@ -422,6 +422,7 @@ async fn a_site_local_deployment_applied_during_the_cut_runs_beside_the_clouds_a
     let view =
         cloud.wait_for_device("pump-3", "the site-local workload", |d| workloads(d).contains_key("screen")).await;
     assert_eq!(view["generation"], parent_generation, "{view}");
+    assert_eq!(view["site_local"], serde_json::json!(["kiosk"]), "marked site-local at the cloud: {view}");
     let status = cloud.get("/v1/deployments/app").await.1;
     assert_eq!(status["rollout"]["counts"]["healthy"], 1, "{status}");
 
