@@ -279,24 +279,31 @@ impl Mirror {
 }
 
 impl Mirror {
+    /// Resumable: a cut WAN costs only what was in flight, and a partial
+    /// download survives a restart of the site hub (`ota::fetch`).
     async fn fetch_artifact(&self, parent: &str, digest: &Digest) -> Result<(), MirrorError> {
         let url = format!("{parent}/v1/artifacts/{digest}");
         tracing::info!("site cache: fetching {digest} from the parent hub");
         let upstream = |e: reqwest::Error| MirrorError::Upstream(format!("cannot fetch {url}: {e}"));
-        let response = self.http.get(&url).send().await.map_err(upstream)?;
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
+        let head = self.http.head(&url).send().await.map_err(upstream)?;
+        if head.status() == reqwest::StatusCode::NOT_FOUND {
             return Err(MirrorError::NotFound(format!("neither this hub nor its parent has artifact {digest}")));
         }
-        let response = response.error_for_status().map_err(upstream)?;
-        let length = response.content_length();
-        let stream = response.bytes_stream().map(|chunk| {
-            chunk.map_err(|e| CacheError::Transfer(format!("the parent hub: {}", outpost_proto::error_chain(&e))))
-        });
-        match self.cache.insert(digest, length, stream, false).await {
-            Ok(_) => Ok(()),
-            Err(e @ (CacheError::Io { .. } | CacheError::TooLarge { .. })) => Err(cache_error(e)),
-            Err(e) => Err(MirrorError::Upstream(format!("artifact {digest} from the parent hub was refused: {e}"))),
-        }
+        let head = head.error_for_status().map_err(upstream)?;
+        let length = head
+            .headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| MirrorError::Upstream(format!("{url} did not say the artifact's length")))?;
+        let dest = self.cache.partial_path(digest);
+        let download =
+            ota::Download { url: url.clone(), dest: dest.clone(), length, sha256: *digest, max_bytes_per_sec: None };
+        ota::fetch(&self.http, &download, ota::RetryPolicy::default())
+            .await
+            .map_err(|e| MirrorError::Upstream(format!("artifact {digest} from the parent hub: {e}")))?;
+        self.cache.adopt(digest, &dest).await.map_err(cache_error)?;
+        Ok(())
     }
 }
 

@@ -111,7 +111,8 @@ impl Cache {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io("clear", &tmp))?;
         }
-        for dir in ["blobs/sha256", "pinned/sha256", "tags", "tuf", "tmp"] {
+        // `partial/` is kept: a download from the parent hub resumes from it.
+        for dir in ["blobs/sha256", "pinned/sha256", "tags", "tuf", "tmp", "partial"] {
             let dir = root.join(dir);
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         }
@@ -228,6 +229,26 @@ impl Cache {
         }
         let path = self.blob_path(expected);
         tokio::fs::rename(&tmp, &path).await.map_err(io("move into place", &path))?;
+        sync_dir(path.parent().expect("a blob has a directory"))?;
+        self.evict().await?;
+        Ok(size)
+    }
+
+    /// Where a resumable download of `digest` writes, kept across restarts.
+    pub fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.root.join("partial").join(digest.hex())
+    }
+
+    /// Takes a verified file (a finished download, its length and sha256
+    /// checked and fsync'd) into the cache as `expected`.
+    pub async fn adopt(&self, expected: &Digest, file: &Path) -> Result<u64, CacheError> {
+        let size = tokio::fs::metadata(file).await.map_err(io("read", file))?.len();
+        if size > self.inner.max_size {
+            drop(tokio::fs::remove_file(file).await);
+            return Err(CacheError::TooLarge { max: self.inner.max_size });
+        }
+        let path = self.blob_path(expected);
+        tokio::fs::rename(file, &path).await.map_err(io("move into place", &path))?;
         sync_dir(path.parent().expect("a blob has a directory"))?;
         self.evict().await?;
         Ok(size)

@@ -437,3 +437,24 @@ async fn a_site_local_deployment_applied_during_the_cut_runs_beside_the_clouds_a
     site.stop().await;
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_from_the_parent_resumes_through_a_wan_cut_every_300_kb_fetching_under_5_percent_more() {
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cloud, wan) = cloud(cloud_dir.path()).await;
+    let artifact = random_bytes(3 << 20);
+    let digest = ota::Digest::of(&artifact).to_string();
+    assert_eq!(put_artifact(&cloud, &digest, artifact.clone()).await.0, 201);
+    let wan_http = CuttingProxy::start(host(&cloud).parse().unwrap()).await.unwrap();
+    wan_http.cut_every(300 * 1024);
+    let site = TestHub::start(site_with_cache(site_dir.path(), &wan, &wan_http)).await;
+
+    let fetched = reqwest::get(format!("{}/v1/artifacts/{digest}", site.api)).await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert!(fetched.bytes().await.unwrap() == artifact, "the device gets the artifact whole");
+    assert!(wan_http.cuts() >= 9, "the WAN was cut {} times", wan_http.cuts());
+    let crossed = wan_http.downstream_bytes() as f64;
+    assert!(crossed <= artifact.len() as f64 * 1.05, "{crossed} bytes crossed the WAN for {} bytes", artifact.len());
+    site.stop().await;
+    cloud.stop().await;
+}
