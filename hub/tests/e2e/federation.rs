@@ -29,6 +29,24 @@ async fn cloud(dir: &std::path::Path) -> (TestHub, CuttingProxy) {
     (cloud, wan)
 }
 
+/// A cloud hub, the WAN proxy in front of its broker, and a site hub behind
+/// it; the directories live as long as the hubs.
+struct Topology {
+    cloud: TestHub,
+    wan: CuttingProxy,
+    site: TestHub,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+impl Topology {
+    async fn start() -> Self {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let (cloud, wan) = cloud(dirs[0].path()).await;
+        let site = TestHub::start(site_config(dirs[1].path(), &wan)).await;
+        Self { cloud, wan, site, _dirs: dirs }
+    }
+}
+
 fn site_config(dir: &std::path::Path, wan: &CuttingProxy) -> Config {
     let upstream = Upstream {
         mqtt: BrokerSetting::External { host: "127.0.0.1".into(), port: wan.addr().port() },
@@ -42,9 +60,7 @@ fn site_config(dir: &std::path::Path, wan: &CuttingProxy) -> Config {
 
 #[tokio::test]
 async fn reports_and_events_made_while_the_wan_is_cut_reach_the_cloud_once_after_it_returns() {
-    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cloud, wan) = cloud(cloud_dir.path()).await;
-    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let Topology { cloud, wan, site, _dirs } = Topology::start().await;
     let pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
     pump.report(&report(1, true, 0, &[("web", "running")], &[])).await;
     pump.events(&[1, 2]).await;
@@ -80,9 +96,7 @@ async fn reports_and_events_made_while_the_wan_is_cut_reach_the_cloud_once_after
 
 #[tokio::test]
 async fn a_desired_state_set_at_the_cloud_during_the_cut_reaches_the_device_when_the_wan_returns() {
-    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cloud, wan) = cloud(cloud_dir.path()).await;
-    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let Topology { cloud, wan, site, _dirs } = Topology::start().await;
     let mut pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
     pump.report(&report(1, true, 0, &[], &[])).await;
     cloud.wait_for_device("pump-3", "known through the site", |d| d["site"] == SITE).await;
@@ -103,9 +117,7 @@ async fn a_desired_state_set_at_the_cloud_during_the_cut_reaches_the_device_when
 
 #[tokio::test]
 async fn a_site_hub_restarted_during_the_cut_loses_nothing_it_queued() {
-    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cloud, wan) = cloud(cloud_dir.path()).await;
-    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let Topology { cloud, wan, site, _dirs } = Topology::start().await;
     let pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
     pump.events(&[1]).await;
     cloud.wait_for_device("pump-3", "its first event", |d| d["event_seq"] == 1).await;
@@ -115,7 +127,7 @@ async fn a_site_hub_restarted_during_the_cut_loses_nothing_it_queued() {
     site.wait_for_device("pump-3", "the events at the site", |d| d["event_seq"] == 3).await;
     drop(pump);
     site.stop().await;
-    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let site = TestHub::start(site_config(_dirs[1].path(), &wan)).await;
     wan.set_link_down(false);
     cloud.wait_for_device("pump-3", "the events queued before the restart", |d| d["event_seq"] == 3).await;
     assert_eq!(cloud.event_seqs("pump-3").await, [1, 2, 3]);
@@ -227,9 +239,7 @@ async fn an_image_pulled_at_the_site_comes_through_the_clouds_mirror_once() {
 
 #[tokio::test]
 async fn a_rollout_started_at_the_cloud_during_the_cut_counts_the_site_offline_and_completes_after_it_returns() {
-    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cloud, wan) = cloud(cloud_dir.path()).await;
-    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let Topology { cloud, wan, site, _dirs } = Topology::start().await;
     let mut pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
     pump.report(&report(1, true, 0, &[], &[])).await;
     cloud.wait_for_device("pump-3", "known through the site", |d| d["site"] == SITE && d["online"] == true).await;
@@ -309,9 +319,7 @@ async fn with_two_sites_a_cut_at_one_leaves_the_other_reporting_and_each_device_
 
 #[tokio::test]
 async fn an_operators_command_at_the_cloud_reaches_a_device_behind_a_site_and_its_logs_come_back() {
-    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cloud, wan) = cloud(cloud_dir.path()).await;
-    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let Topology { cloud, wan: _wan, site, _dirs } = Topology::start().await;
     let mut pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
     pump.report(&report(1, true, 0, &[("web", "running")], &[])).await;
     cloud.wait_for_device("pump-3", "known through the site", |d| d["site"] == SITE).await;
@@ -331,9 +339,7 @@ async fn an_operators_command_at_the_cloud_reaches_a_device_behind_a_site_and_it
 
 #[tokio::test]
 async fn events_streamed_through_a_wan_cut_every_few_acks_reach_the_cloud_each_once_and_in_order() {
-    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cloud, wan) = cloud(cloud_dir.path()).await;
-    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let Topology { cloud, wan, site, _dirs } = Topology::start().await;
     let pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
     pump.events(&[1]).await;
     cloud.wait_for_device("pump-3", "its first event", |d| d["event_seq"] == 1).await;
@@ -356,9 +362,7 @@ async fn events_streamed_through_a_wan_cut_every_few_acks_reach_the_cloud_each_o
 
 #[tokio::test]
 async fn a_site_hub_refuses_a_desired_state_set_by_hand_saying_to_apply_a_deployment() {
-    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cloud, wan) = cloud(cloud_dir.path()).await;
-    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let Topology { cloud, wan: _wan, site, _dirs } = Topology::start().await;
     let (status, body) = site.put("/v1/devices/pump-3/desired", &desired_json(1)).await;
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("apply a deployment here"), "{body}");
@@ -388,9 +392,7 @@ fn all_running(seq: u64, desired: &outpost_proto::sync::DesiredMessage) -> outpo
 #[tokio::test]
 async fn a_site_local_deployment_applied_during_the_cut_runs_beside_the_clouds_and_the_cloud_wins_what_it_changes_after(
 ) {
-    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cloud, wan) = cloud(cloud_dir.path()).await;
-    let site = TestHub::start(site_config(site_dir.path(), &wan)).await;
+    let Topology { cloud, wan, site, _dirs } = Topology::start().await;
     let mut pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
     pump.report(&report(1, true, 0, &[], &[])).await;
     cloud.wait_for_device("pump-3", "known through the site", |d| d["site"] == SITE).await;
