@@ -299,10 +299,15 @@ fn agent_killed_at_random_moments_while_applying_always_converges_to_the_newest_
     assert!(stored >= acknowledged, "the store lost acknowledged generation {acknowledged} (has {stored})");
     let expected = wanted(stored, counts[&stored]);
     let names: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    let running = converged(&agent, &names);
+    converged(&agent, &names);
+    // A workload whose command changed is replaced after the names converge.
+    let cmdline = |w: &Value| {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid(w))).unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).replace('\0', " ")
+    };
     for (name, command) in &expected {
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid(&running[name]))).unwrap();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        assert!(cmdline.contains(command.as_str()), "{name} runs `{cmdline}`, not generation {stored}'s `{command}`");
+        agent.wait_for(name, WAIT, &format!("running generation {stored}'s `{command}`"), |w| {
+            state(w) == "running" && cmdline(w).contains(command.as_str())
+        });
     }
 }
