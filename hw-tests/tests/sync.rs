@@ -266,7 +266,11 @@ fn events_recorded_while_the_link_is_down_reach_the_hub_once_through_repeated_cu
 fn reports_sent_in_a_burst_through_repeated_cuts_leave_the_hub_with_the_devices_last_view(broker: Broker) {
     let site = site(broker);
     site.hub.set_desired(DEVICE, &crashing_document(1));
-    site.agent.wait_for("svc", WAIT, "started", |w| !w.is_null());
+    let deadline = Instant::now() + WAIT;
+    while site.agent.workload("svc").is_null() {
+        assert!(Instant::now() < deadline, "svc never started: the desired state did not arrive\n{}", site.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // While svc crashes, its state and restart count change at nearly every
     // 200 ms report tick: cut the link again and again through that burst.
     let deadline = Instant::now() + WAIT;
