@@ -78,6 +78,13 @@ pub struct Installed {
     pub slot: Slot,
 }
 
+/// A target that verified metadata vouch for, and the client that got them.
+struct Verified {
+    client: reqwest::Client,
+    target: ota::metadata::Target,
+    sha256: Digest,
+}
+
 /// What a deployment's agent update came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -116,10 +123,8 @@ impl Updater {
     /// ever installed, so there is a slot to fall back to. The restart into
     /// the new slot is the caller's.
     pub async fn update(&self, store: &Store, name: &str, running_binary: &Path) -> Result<Installed, UpdateError> {
-        match self.fetch_and_install(store, name, None, running_binary).await? {
-            Outcome::Installed(installed) => Ok(installed),
-            Outcome::AlreadyRunning { .. } => unreachable!("only a deployment's update checks the running binary"),
-        }
+        let verified = self.verified_target(store, name).await?;
+        self.download_and_install(verified, name, None, running_binary).await
     }
 
     /// A deployment's agent update: as [`Updater::update`], but the target
@@ -132,16 +137,28 @@ impl Updater {
         from: UpdateOrigin,
         running_binary: &Path,
     ) -> Result<Outcome, UpdateError> {
-        self.fetch_and_install(store, &update.target, Some((&update.version, from)), running_binary).await
+        let name = update.target.as_str();
+        let verified = self.verified_target(store, name).await?;
+        let target = &verified.target;
+        if update.version != target.version {
+            return Err(UpdateError::VersionMismatch {
+                name: name.into(),
+                found: target.version.clone(),
+                wanted: update.version.clone(),
+            });
+        }
+        let running = running_binary.to_path_buf();
+        let (digest, _) = tokio::task::spawn_blocking(move || file_digest(&running)).await.map_err(|e| {
+            UpdateError::Io { action: "hash", path: running_binary.to_path_buf(), source: std::io::Error::other(e) }
+        })??;
+        if digest == verified.sha256 {
+            return Ok(Outcome::AlreadyRunning { version: target.version.clone() });
+        }
+        self.download_and_install(verified, name, Some(from), running_binary).await.map(Outcome::Installed)
     }
 
-    async fn fetch_and_install(
-        &self,
-        store: &Store,
-        name: &str,
-        wanted: Option<(&str, UpdateOrigin)>,
-        running_binary: &Path,
-    ) -> Result<Outcome, UpdateError> {
+    /// Target `name` for this hardware, from freshly verified metadata.
+    async fn verified_target(&self, store: &Store, name: &str) -> Result<Verified, UpdateError> {
         if self.hub_http.is_empty() {
             return Err(UpdateError::NoHub);
         }
@@ -158,31 +175,19 @@ impl Updater {
         let target = state.target(name, &self.hardware)?.clone();
         let sha256 = Digest::from_hex(&target.sha256)
             .map_err(|_| UpdateError::BadDigest { name: name.into(), sha256: target.sha256.clone() })?;
-        let from = match wanted {
-            Some((version, _)) if version != target.version => {
-                return Err(UpdateError::VersionMismatch {
-                    name: name.into(),
-                    found: target.version,
-                    wanted: version.into(),
-                })
-            }
-            Some((_, from)) => {
-                let running = running_binary.to_path_buf();
-                let digest = tokio::task::spawn_blocking(move || file_digest(&running)).await.map_err(|e| {
-                    UpdateError::Io {
-                        action: "hash",
-                        path: running_binary.to_path_buf(),
-                        source: std::io::Error::other(e),
-                    }
-                })??;
-                if digest.0 == sha256 {
-                    return Ok(Outcome::AlreadyRunning { version: target.version });
-                }
-                Some(from)
-            }
-            None => None,
-        };
+        Ok(Verified { client, target, sha256 })
+    }
 
+    /// Downloads the verified target and writes it to the inactive slot,
+    /// noting it as pending for the agent that boots into it.
+    async fn download_and_install(
+        &self,
+        verified: Verified,
+        name: &str,
+        from: Option<UpdateOrigin>,
+        running_binary: &Path,
+    ) -> Result<Installed, UpdateError> {
+        let Verified { client, target, sha256 } = verified;
         let downloads = self.agent.download_dir();
         std::fs::create_dir_all(&downloads).map_err(io_error("create", &downloads))?;
         let download = Download {
@@ -209,7 +214,7 @@ impl Updater {
             Pending { target: name.into(), version: target.version.clone(), slot, failures: Vec::new(), from };
         let pending_path = self.agent.pending_path();
         self.agent.set_pending(&pending).map_err(io_error("write", &pending_path))?;
-        Ok(Outcome::Installed(Installed { target: name.into(), version: target.version, slot }))
+        Ok(Installed { target: name.into(), version: target.version, slot })
     }
 
     /// Walks the TUF order from the trusted root and saves the versions after
