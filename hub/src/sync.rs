@@ -285,9 +285,15 @@ impl Applier {
         now: u64,
         out: &mut Outgoing,
     ) -> Result<(), StoreError> {
-        // Where the device is reached: its desired state goes that way.
-        let reached_through = site.map(str::to_string);
-        self.store.update_device(device, |d| d.site.clone_from(&reached_through))?;
+        // Where the device is reached: its desired state goes that way. Only
+        // a hub with sites below has devices behind one, and only a change is
+        // written: this runs for every message.
+        if self.site_topics.is_some() {
+            let reached_through = site.map(str::to_string);
+            if self.store.device(device)?.and_then(|d| d.site) != reached_through {
+                self.store.update_device(device, |d| d.site.clone_from(&reached_through))?;
+            }
+        }
         match &message {
             Upward::Report(report) => {
                 self.follow_epoch(device, report.epoch, now, out)?;
