@@ -69,7 +69,8 @@ pub struct Upstream {
     pub mqtt: BrokerSetting,
     /// This site's id, listed under the parent's `[sites]`.
     pub site: String,
-    /// This site's token at the parent.
+    /// This site's token at the parent; unused with `[upstream.tls]`.
+    #[serde(default)]
     pub token: String,
     /// The parent's HTTP API, "http://host:port": the site cache fetches
     /// images and artifacts it lacks from the parent's cache, so each
@@ -310,6 +311,26 @@ mod tests {
     #[test]
     fn the_embedded_default_file_is_the_default_config() {
         assert_eq!(Config::parse(DEFAULT_CONFIG).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn federation_keys_that_cannot_work_are_refused_naming_the_key() {
+        let refused = |text: &str| Config::parse(text).unwrap_err().to_string();
+        let err = refused("[upstream]\nmqtt = \"mqtt://cloud:1883\"\nsite = \"rig-7\"\n");
+        assert!(err.contains("its token at the parent or [upstream.tls]"), "{err}");
+        let err = refused(
+            "[upstream]\nmqtt = \"mqtt://cloud:1883\"\nsite = \"rig-7\"\ntoken = \"t\"\nhttp = \"cloud:8080\"\n",
+        );
+        assert!(err.contains("upstream.http") && err.contains("http://host:port"), "{err}");
+        let err = refused("[devices]\nrig-7 = \"a\"\n[sites]\nrig-7 = \"b\"\n");
+        assert!(err.contains("both a device and a site"), "{err}");
+        let err = refused("broker = \"mqtt://mosquitto:1883\"\n[sites]\nrig-7 = \"b\"\n");
+        assert!(err.contains("[sites] needs the embedded broker"), "{err}");
+        let config = Config::parse(
+            "[upstream]\nmqtt = \"mqtt://cloud:8883\"\nsite = \"rig-7\"\n[upstream.tls]\nca = \"/c\"\ncert = \"/s\"\nkey = \"/k\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.upstream.unwrap().tls.unwrap().key, PathBuf::from("/k"), "a certificate instead of a token");
     }
 
     #[test]

@@ -332,3 +332,19 @@ impl Link {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_decompresses_and_one_that_would_grow_past_the_cap_is_refused() {
+        let batch = b"a batch of items".repeat(100);
+        assert_eq!(decompress(&compress(&batch)).unwrap(), batch);
+        // A few KiB that would grow to more than MAX_BATCH: refused before it is all in memory.
+        let bomb = compress(&vec![0u8; MAX_BATCH as usize + 1]);
+        assert!(bomb.len() < 64 * 1024);
+        assert!(decompress(&bomb).unwrap_err().contains("more than"), "the bomb was taken");
+        assert!(decompress(b"not zstd").is_err());
+    }
+}
