@@ -460,3 +460,55 @@ async fn an_artifact_from_the_parent_resumes_through_a_wan_cut_every_300_kb_fetc
     site.stop().await;
     cloud.stop().await;
 }
+
+#[tokio::test]
+async fn a_site_cannot_report_for_a_device_another_site_carries() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let cloud = TestHub::start(Config {
+        sites: [(SITE.to_string(), SITE_TOKEN.to_string()), ("rig-8".to_string(), "other-token".to_string())].into(),
+        devices: Default::default(),
+        ..config(dirs[0].path())
+    })
+    .await;
+    let wan = CuttingProxy::start(cloud.mqtt).await.unwrap();
+    let site = TestHub::start(site_config(dirs[1].path(), &wan)).await;
+    let pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.events(&[1]).await;
+    cloud.wait_for_device("pump-3", "its event through rig-7", |d| d["event_seq"] == 1).await;
+
+    // rig-8, a site of the same cloud, forges events and a report for rig-7's device.
+    use outpost_proto::federation::{SiteBatch, SiteItem, Upward};
+    use outpost_proto::sync::{encode, Encoding, EventBatch, PROTOCOL_VERSION};
+    let forged = EventBatch {
+        v: PROTOCOL_VERSION,
+        epoch: 0,
+        events: vec![outpost_proto::Event { seq: 2, at: 2, kind: outpost_proto::EventKind::Applied { generation: 9 } }],
+    };
+    // In the same batch, its own device's event: the batch was taken, the forged item left out.
+    let own =
+        EventBatch { events: vec![outpost_proto::Event { seq: 1, ..forged.events[0].clone() }], ..forged.clone() };
+    let items = vec![
+        SiteItem { seq: 1, device: "pump-3".into(), at: 1, message: Upward::Events(forged) },
+        SiteItem { seq: 2, device: "pump-9".into(), at: 1, message: Upward::Events(own) },
+    ];
+    let payload = zstd::encode_all(&encode(Encoding::Json, &SiteBatch { v: PROTOCOL_VERSION, items })[..], 3).unwrap();
+    let mut options = rumqttc::MqttOptions::new("rig-8", "127.0.0.1", cloud.mqtt.port());
+    options.set_credentials("rig-8", "other-token");
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
+    let poller = tokio::spawn(async move {
+        loop {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    client.publish("outpost/v1/sites/rig-8/up", rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
+    cloud.wait_for_device("pump-9", "rig-8's own device", |d| d["event_seq"] == 1 && d["site"] == "rig-8").await;
+
+    let view = cloud.device("pump-3").await;
+    assert_eq!((view["event_seq"].as_u64(), view["site"].as_str()), (Some(1), Some(SITE)), "{view}");
+    assert_eq!(cloud.event_seqs("pump-3").await, [1]);
+    poller.abort();
+    site.stop().await;
+    cloud.stop().await;
+}
