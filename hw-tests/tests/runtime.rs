@@ -106,7 +106,9 @@ fn logs_are_captured_per_stream_and_rotated_at_the_size_cap() {
     agent.run_spec(&spec(
         "chatty",
         &image,
-        "echo to-stderr >&2; i=0; while [ $i -lt 300 ]; do echo line-$i; i=$((i+1)); done; echo done",
+        // stderr last, after a pause: the two pipes are read independently, so a
+        // stderr line written first can land in a file rotated away since.
+        "i=0; while [ $i -lt 300 ]; do echo line-$i; i=$((i+1)); done; echo done; sleep 0.5; echo to-stderr >&2",
         "[restart]\nmode = \"never\"",
     ));
     let w = agent.wait_for("chatty", WAIT, "exited", |w| state(w) == "exited");
