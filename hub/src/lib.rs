@@ -190,6 +190,7 @@ impl Hub {
             upward: self.config.upstream.as_ref().map(|_| Arc::new(tokio::sync::Notify::new())),
         };
         let upward = settings.upward.clone();
+        let api_upward = upward.clone();
         let (stop, stopping) = watch::channel(false);
         let logs = logs::SharedReplies::default();
         let (publisher, sync_tasks) =
@@ -242,7 +243,7 @@ impl Hub {
         );
         // The site cache's and enrollment's routes are their own; every other
         // path falls to the API's "no endpoint".
-        let app = api::router(self.store.clone(), publisher, logs, engine, admission)
+        let app = api::router(self.store.clone(), publisher, logs, engine, admission, api_upward)
             .merge(artifacts::api::router(mirror))
             .merge(enroll::operator_router(
                 self.store.clone(),

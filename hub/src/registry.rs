@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use outpost_proto::desired::DesiredStateError;
+use outpost_proto::federation::{HeldNotice, HoldAction};
 use outpost_proto::sync::{
     Ack, Command, CommandMessage, EventBatch, Presence, Report, MAX_LOG_LINES, PROTOCOL_VERSION,
 };
@@ -146,6 +147,26 @@ pub fn set_presence(store: &Store, id: &str, presence: &Presence, replayed: bool
             seen(device, now);
         }
         device.online = presence.online;
+    })
+}
+
+/// A site hub held one of this hub's revisions back from a device, or let
+/// it through again: a pause makes the device wait for its site, a
+/// rollback on site fails the revision there. A notice about a revision no
+/// longer sent changes nothing.
+pub fn apply_held(store: &Store, id: &str, site: &str, notice: &HeldNotice) -> Result<(), StoreError> {
+    store.update_device(id, |device| {
+        let Some(sent) = device.rollouts.get_mut(&notice.deployment).filter(|s| s.revision == notice.revision) else {
+            return;
+        };
+        let why = notice.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+        match notice.hold {
+            None => sent.held = None,
+            Some(HoldAction::Pause) => sent.held = Some(format!("paused at site {site}{why}")),
+            Some(HoldAction::Rollback { to }) => {
+                sent.failed.get_or_insert_with(|| format!("rolled back at site {site} to revision {to}{why}"));
+            }
+        }
     })
 }
 

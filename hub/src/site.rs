@@ -14,9 +14,9 @@
 //! carry the parent's generation that the site's one held, so the parent's
 //! rollouts count what the device really has.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use outpost_proto::federation::Upward;
+use outpost_proto::federation::{HeldNotice, HoldAction, SiteHold, Upward};
 use outpost_proto::{Deployment, DesiredState, EventKind};
 
 use crate::store::{Source, Store, StoreError};
@@ -56,18 +56,66 @@ pub fn compose(parent: &Source, local: &Source) -> Vec<Deployment> {
     deployments
 }
 
-/// Recomposes a device's desired state from its two sources and stores it
-/// under the next site generation when it changed. The generation written,
-/// if any.
-pub fn recompose(store: &Store, device: &str) -> Result<Option<u64>, StoreError> {
+/// The parent's deployments as the site's holds let them through to one
+/// device, and the parent revisions held back (name -> revision). A hold
+/// covers the revisions the site had when it was made; under it a device
+/// never goes forward: a pause keeps the revision it was given (none if it
+/// had none), a rollback gives it the hold's revision. Going back is always
+/// let through. A revision the site no longer has is let through as it is.
+pub fn hold_back(
+    parent: &[Deployment],
+    holds: &BTreeMap<String, SiteHold>,
+    passed: &BTreeMap<String, u64>,
+    kept: impl Fn(&str, u64) -> Option<Deployment>,
+) -> (Vec<Deployment>, BTreeMap<String, u64>) {
+    let mut through = Vec::new();
+    let mut held = BTreeMap::new();
+    for d in parent {
+        let Some(hold) = holds.get(&d.name).filter(|h| d.revision <= h.covers) else {
+            through.push(d.clone());
+            continue;
+        };
+        let ceiling = match hold.action {
+            HoldAction::Pause => passed.get(&d.name).copied(),
+            HoldAction::Rollback { to } => Some(to),
+        };
+        match ceiling {
+            Some(ceiling) if d.revision <= ceiling => through.push(d.clone()),
+            Some(ceiling) => match kept(&d.name, ceiling) {
+                Some(older) => {
+                    held.insert(d.name.clone(), d.revision);
+                    through.push(older);
+                }
+                None => through.push(d.clone()),
+            },
+            None => {
+                held.insert(d.name.clone(), d.revision);
+            }
+        }
+    }
+    (through, held)
+}
+
+/// Recomposes a device's desired state from its two sources and the site's
+/// holds, and stores it under the next site generation when it changed.
+/// The generation written, if any. The caller holds `store.composing()`.
+fn recompose(store: &Store, device: &str) -> Result<Option<u64>, StoreError> {
     let mut parent = store.source(device, true)?.unwrap_or_default();
     let local = store.source(device, false)?.unwrap_or_default();
-    let deployments = compose(&parent, &local);
+    let holds = store.site_holds()?;
+    let (through, held) = hold_back(&parent.deployments, &holds, &parent.passed, |name, revision| {
+        store.parent_revision(name, revision).ok().flatten()
+    });
+    tell_holds(store, device, &parent.held, &held, &holds)?;
+    parent.passed = through.iter().map(|d| (d.name.clone(), d.revision)).collect();
+    parent.held = held;
+    let deployments = compose(&Source { deployments: through, ..parent.clone() }, &local);
     let stored = store.desired(device)?;
     // A new parent generation is passed on even when the composition is the
     // same, so that the device acknowledges it and the parent counts it.
     let parent_known = parent.generations.last().is_some_and(|(_, g)| *g == parent.generation);
     if stored.as_ref().is_some_and(|s| s.deployments == deployments) && parent_known {
+        store.put_source(device, true, &parent)?;
         return Ok(None);
     }
     let generation = stored.map_or(1, |s| s.generation + 1);
@@ -80,6 +128,30 @@ pub fn recompose(store: &Store, device: &str) -> Result<Option<u64>, StoreError>
     Ok(Some(generation))
 }
 
+/// Queues for the parent what changed in what the site holds back from a
+/// device: the parent counts a paused device as waiting for its site, and a
+/// device rolled back on site as failed.
+fn tell_holds(
+    store: &Store,
+    device: &str,
+    before: &BTreeMap<String, u64>,
+    now: &BTreeMap<String, u64>,
+    holds: &BTreeMap<String, SiteHold>,
+) -> Result<(), StoreError> {
+    let at = crate::sync::now_ms();
+    for (name, &revision) in before.iter().filter(|(name, r)| now.get(*name) != Some(r)) {
+        let notice = HeldNotice { deployment: name.clone(), revision, hold: None, reason: None };
+        store.push_upward(device, Upward::Held(notice), at)?;
+    }
+    for (name, &revision) in now.iter().filter(|(name, r)| before.get(*name) != Some(r)) {
+        let hold = &holds[name];
+        let notice =
+            HeldNotice { deployment: name.clone(), revision, hold: Some(hold.action), reason: hold.reason.clone() };
+        store.push_upward(device, Upward::Held(notice), at)?;
+    }
+    Ok(())
+}
+
 /// Replaces one source of a device's desired state, noting when each of its
 /// deployment names changed, then recomposes.
 pub fn set_source(
@@ -90,11 +162,15 @@ pub fn set_source(
     deployments: Vec<Deployment>,
     now: u64,
 ) -> Result<Option<u64>, StoreError> {
+    let _composing = store.composing();
     let mut source = store.source(device, parent)?.unwrap_or_default();
     for d in &deployments {
         let before = source.deployments.iter().find(|old| old.name == d.name);
         if before != Some(d) {
             source.changed_at.insert(d.name.clone(), now);
+        }
+        if parent {
+            store.keep_parent_revision(d)?;
         }
     }
     source.changed_at.retain(|name, _| deployments.iter().any(|d| &d.name == name));
@@ -102,6 +178,74 @@ pub fn set_source(
     source.deployments = deployments;
     store.put_source(device, parent, &source)?;
     recompose(store, device)
+}
+
+/// Why a hold cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error(
+        "this site hub has received no deployment {0:?} from its parent: `hub deployments` at the parent lists them"
+    )]
+    Unknown(String),
+    #[error("the site has no revision {to} of {name:?} to roll back to; it has {have:?}")]
+    NoSuchRevision { name: String, to: u64, have: Vec<u64> },
+    #[error("the site has no revision of {0:?} before its newest to roll back to: name one with --revision")]
+    NothingBefore(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What an operator on site asks of one of the parent's rollouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldRequest {
+    Pause,
+    /// To this revision, or the one before the newest the site received.
+    Rollback(Option<u64>),
+}
+
+/// Holds one of the parent's rollouts at this site, then recomposes every
+/// device. The hold, and the devices whose desired state changed.
+pub fn hold(
+    store: &Store,
+    name: &str,
+    request: HoldRequest,
+    reason: Option<String>,
+    now: u64,
+) -> Result<(SiteHold, Vec<String>), HoldError> {
+    let _composing = store.composing();
+    let have = store.parent_revision_numbers(name)?;
+    let Some(&covers) = have.last() else { return Err(HoldError::Unknown(name.to_string())) };
+    let action = match request {
+        HoldRequest::Pause => HoldAction::Pause,
+        HoldRequest::Rollback(Some(to)) if have.contains(&to) => HoldAction::Rollback { to },
+        HoldRequest::Rollback(Some(to)) => return Err(HoldError::NoSuchRevision { name: name.to_string(), to, have }),
+        HoldRequest::Rollback(None) => match have.iter().rev().nth(1) {
+            Some(&to) => HoldAction::Rollback { to },
+            None => return Err(HoldError::NothingBefore(name.to_string())),
+        },
+    };
+    let hold = SiteHold { deployment: name.to_string(), action, covers, reason, at: now };
+    store.put_site_hold(&hold)?;
+    Ok((hold, recompose_all(store)?))
+}
+
+/// Lifts a hold; false when there was none. The devices whose desired state changed.
+pub fn release(store: &Store, name: &str) -> Result<Option<Vec<String>>, StoreError> {
+    let _composing = store.composing();
+    if !store.remove_site_hold(name)? {
+        return Ok(None);
+    }
+    recompose_all(store).map(Some)
+}
+
+fn recompose_all(store: &Store) -> Result<Vec<String>, StoreError> {
+    let mut changed = Vec::new();
+    for device in store.devices()? {
+        if store.source(&device.id, true)?.is_some() && recompose(store, &device.id)?.is_some() {
+            changed.push(device.id);
+        }
+    }
+    Ok(changed)
 }
 
 /// The parent's generation a site generation held.
@@ -125,7 +269,7 @@ pub fn translate(store: &Store, device: &str, message: &mut Upward) -> Result<()
                 }
             }
         }
-        Upward::Presence(_) | Upward::Logs(_) => {}
+        Upward::Presence(_) | Upward::Logs(_) | Upward::Held(_) => {}
     }
     Ok(())
 }
@@ -152,7 +296,7 @@ mod tests {
 
     fn source(deployments: Vec<Deployment>, at: u64) -> Source {
         let changed_at = deployments.iter().map(|d| (d.name.clone(), at)).collect::<BTreeMap<_, _>>();
-        Source { generation: 5, deployments, changed_at, generations: Vec::new() }
+        Source { generation: 5, deployments, changed_at, ..Source::default() }
     }
 
     fn names(deployments: &[Deployment]) -> Vec<(String, u64)> {
@@ -185,6 +329,59 @@ mod tests {
         state.validate().unwrap();
         let only_web = source(vec![deployment("tools", 1, &["web"])], 200);
         assert_eq!(names(&compose(&parent, &only_web)), [("app".into(), 3)], "nothing left of it: left out");
+    }
+
+    fn hold(name: &str, action: HoldAction, covers: u64) -> BTreeMap<String, SiteHold> {
+        let hold = SiteHold { deployment: name.into(), action, covers, reason: None, at: 0 };
+        BTreeMap::from([(name.to_string(), hold)])
+    }
+
+    fn kept(name: &str, revision: u64) -> Option<Deployment> {
+        (revision <= 3).then(|| deployment(name, revision, &["web"]))
+    }
+
+    fn passed(revision: u64) -> BTreeMap<String, u64> {
+        BTreeMap::from([("app".to_string(), revision)])
+    }
+
+    #[test]
+    fn a_paused_deployment_stays_at_the_revision_each_device_was_given_and_newer_devices_get_none() {
+        let parent = [deployment("app", 3, &["web"]), deployment("other", 7, &["db"])];
+        let holds = hold("app", HoldAction::Pause, 3);
+        let (through, held) = hold_back(&parent, &holds, &passed(2), kept);
+        assert_eq!(names(&through), [("app".into(), 2), ("other".into(), 7)]);
+        assert_eq!(held, BTreeMap::from([("app".to_string(), 3)]));
+        let (through, held) = hold_back(&parent, &holds, &BTreeMap::new(), kept);
+        assert_eq!(names(&through), [("other".into(), 7)], "a device that never had it gets none");
+        assert_eq!(held, BTreeMap::from([("app".to_string(), 3)]));
+    }
+
+    #[test]
+    fn under_a_hold_going_back_is_let_through() {
+        let parent = [deployment("app", 1, &["web"])];
+        let (through, held) = hold_back(&parent, &hold("app", HoldAction::Pause, 3), &passed(2), kept);
+        assert_eq!((names(&through), held.len()), (vec![("app".into(), 1)], 0));
+        let rollback = hold("app", HoldAction::Rollback { to: 2 }, 3);
+        let (through, held) = hold_back(&parent, &rollback, &passed(3), kept);
+        assert_eq!((names(&through), held.len()), (vec![("app".into(), 1)], 0));
+    }
+
+    #[test]
+    fn a_site_rollback_gives_every_device_on_a_later_revision_the_holds_revision() {
+        let parent = [deployment("app", 3, &["web"])];
+        let (through, held) = hold_back(&parent, &hold("app", HoldAction::Rollback { to: 2 }, 3), &passed(3), kept);
+        assert_eq!(names(&through), [("app".into(), 2)]);
+        assert_eq!(held, BTreeMap::from([("app".to_string(), 3)]));
+    }
+
+    #[test]
+    fn a_revision_newer_than_the_hold_covers_lifts_it_and_one_the_site_lacks_goes_through() {
+        let parent = [deployment("app", 4, &["web"])];
+        let (through, held) = hold_back(&parent, &hold("app", HoldAction::Pause, 3), &passed(2), kept);
+        assert_eq!((names(&through), held.len()), (vec![("app".into(), 4)], 0), "the cloud changed it after");
+        let parent = [deployment("app", 3, &["web"])];
+        let (through, _) = hold_back(&parent, &hold("app", HoldAction::Rollback { to: 2 }, 3), &passed(3), |_, _| None);
+        assert_eq!(names(&through), [("app".into(), 3)], "nothing to send back instead");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use outpost_proto::federation::{SiteItem, Upward};
+use outpost_proto::federation::{SiteHold, SiteItem, Upward};
 use outpost_proto::sync::WorkloadReport;
 use outpost_proto::{DesiredState, Event};
 
@@ -156,6 +156,14 @@ pub struct Store {
     /// composes (site.rs): device id -> `Source`.
     parent_desired: sled::Tree,
     local_desired: sled::Tree,
+    /// A site hub's holds on its parent's rollouts: deployment -> `SiteHold`.
+    site_holds: sled::Tree,
+    /// Every revision of the parent's deployments a site hub received, which
+    /// a hold sends back: "name\0" + revision (big-endian) -> `Deployment`.
+    parent_revisions: sled::Tree,
+    /// Composing a site device's desired state reads and writes several
+    /// records; the rollout engine, the parent link and the API all do it.
+    composing: Arc<std::sync::Mutex<()>>,
 }
 
 /// One source of a site device's desired state: its deployments, and when
@@ -171,6 +179,11 @@ pub struct Source {
     /// bounded window): a report of a site generation goes up as the
     /// parent's.
     pub generations: Vec<(u64, u64)>,
+    /// Parent source only: the revision of each deployment the device was
+    /// last given, and the parent revisions a site hold keeps from it (told
+    /// to the parent once each).
+    pub passed: BTreeMap<String, u64>,
+    pub held: BTreeMap<String, u64>,
 }
 
 impl Store {
@@ -188,6 +201,9 @@ impl Store {
             sites: db.open_tree("sites")?,
             parent_desired: db.open_tree("parent_desired")?,
             local_desired: db.open_tree("local_desired")?,
+            site_holds: db.open_tree("site_holds")?,
+            parent_revisions: db.open_tree("parent_revisions")?,
+            composing: Arc::default(),
             db,
             flushes: Arc::default(),
         })
@@ -474,10 +490,69 @@ impl Store {
         Ok(())
     }
 
+    /// Held while a site device's desired state is composed (site.rs).
+    pub fn composing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.composing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn site_holds(&self) -> Result<BTreeMap<String, SiteHold>, StoreError> {
+        self.site_holds
+            .iter()
+            .map(|entry| {
+                let (name, bytes) = entry?;
+                Ok((String::from_utf8_lossy(&name).into_owned(), decode(&bytes, "a site hold")?))
+            })
+            .collect()
+    }
+
+    pub fn put_site_hold(&self, hold: &SiteHold) -> Result<(), StoreError> {
+        self.site_holds.insert(&hold.deployment, encode(hold))?;
+        Ok(())
+    }
+
+    /// False when there was none.
+    pub fn remove_site_hold(&self, deployment: &str) -> Result<bool, StoreError> {
+        Ok(self.site_holds.remove(deployment)?.is_some())
+    }
+
+    /// Keeps a revision of a parent deployment the site received.
+    pub fn keep_parent_revision(&self, deployment: &outpost_proto::Deployment) -> Result<(), StoreError> {
+        let key = revision_key(&deployment.name, deployment.revision);
+        if !self.parent_revisions.contains_key(&key)? {
+            self.parent_revisions.insert(key, encode(deployment))?;
+        }
+        Ok(())
+    }
+
+    pub fn parent_revision(&self, name: &str, revision: u64) -> Result<Option<outpost_proto::Deployment>, StoreError> {
+        self.parent_revisions.get(revision_key(name, revision))?.map(|b| decode(&b, name)).transpose()
+    }
+
+    /// The revisions of a parent deployment the site received, oldest first.
+    pub fn parent_revision_numbers(&self, name: &str) -> Result<Vec<u64>, StoreError> {
+        let prefix = revision_key(name, 0);
+        let prefix = &prefix[..prefix.len() - 8];
+        let mut numbers = Vec::new();
+        for key in self.parent_revisions.scan_prefix(prefix).keys() {
+            let key = key?;
+            if let Ok(bytes) = <[u8; 8]>::try_from(&key[prefix.len()..]) {
+                numbers.push(u64::from_be_bytes(bytes));
+            }
+        }
+        Ok(numbers)
+    }
+
     /// Forgets a held device's request; false when there was none.
     pub fn reject(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.pending.remove(id)?.is_some())
     }
+}
+
+fn revision_key(name: &str, revision: u64) -> Vec<u8> {
+    let mut key = name.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&revision.to_be_bytes());
+    key
 }
 
 fn event_key(id: &str, seq: u64) -> Vec<u8> {

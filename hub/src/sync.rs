@@ -312,6 +312,14 @@ impl Applier {
                 debug!(device, command = message.command, workload = message.workload, "logs from the device");
                 self.logs.lock().unwrap_or_else(PoisonError::into_inner).insert(device, message.clone(), now);
             }
+            Upward::Held(notice) => match site {
+                Some(site) => {
+                    info!(device, site, deployment = notice.deployment, revision = notice.revision, hold = ?notice.hold,
+                        "the site holds a revision back, or let it through");
+                    registry::apply_held(&self.store, device, site, notice)?;
+                }
+                None => warn!(device, "dropped a hold notice that did not come from a site"),
+            },
         }
         // A site hub acknowledges its devices itself; the parent acknowledges
         // the site. Presence and logs replies are not numbered.

@@ -111,6 +111,46 @@ pub enum Upward {
     Presence(Presence),
     /// The answer to a `send-logs` command the parent relayed.
     Logs(LogsMessage),
+    /// The site's operator held one of the parent's deployment revisions
+    /// back from the device, or let it through again.
+    Held(HeldNotice),
+}
+
+/// What an operator on site did to one of the parent's rollouts
+/// (`hub hold`): its revisions stop going forward at the site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HoldAction {
+    /// Devices keep the revision they have; devices without one get none.
+    Pause,
+    /// Devices on a later revision go back to this one.
+    Rollback { to: u64 },
+}
+
+/// A hold on one of the parent's deployments, as the site hub stores and
+/// shows it. It covers the revisions the site had received when it was
+/// made: a newer revision from the parent lifts it, since what the cloud
+/// changed after the site acted wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteHold {
+    pub deployment: String,
+    pub action: HoldAction,
+    /// The newest revision of the deployment the site had received.
+    pub covers: u64,
+    pub reason: Option<String>,
+    /// Unix milliseconds.
+    pub at: u64,
+}
+
+/// site -> parent: a parent revision the site holds back from a device,
+/// or (`hold` none) no longer does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldNotice {
+    pub deployment: String,
+    /// The parent's revision held back.
+    pub revision: u64,
+    pub hold: Option<HoldAction>,
+    pub reason: Option<String>,
 }
 
 /// parent -> site, retained: the highest item the parent stored.

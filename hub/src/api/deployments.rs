@@ -183,7 +183,15 @@ pub(super) async fn rollout_action(
             )))
         }
     };
+    let parents = state.admission.site_hub.is_some() && !state.store.parent_revision_numbers(&name)?.is_empty();
     let outcome = state.store.update_deployment(&name, |old| match old {
+        None if parents => (
+            None,
+            Err(ApiError::NotFound(format!(
+                "{name:?} is the parent hub's deployment: at this site, hold its rollout with `hub hold pause {name}` \
+             or `hub hold rollback {name}` (docs/federation.md)"
+            ))),
+        ),
         None => (None, Err(no_deployment(&name))),
         Some(mut record) => match change(&mut record, to, now) {
             Ok(()) => (Some(record), Ok(())),
@@ -197,7 +205,7 @@ pub(super) async fn rollout_action(
     state.engine.status(&name).await?.map(Json).ok_or_else(|| no_deployment(&name))
 }
 
-fn check_name(name: &str) -> Result<(), ApiError> {
+pub(super) fn check_name(name: &str) -> Result<(), ApiError> {
     if valid_name(name) {
         Ok(())
     } else {

@@ -7,6 +7,7 @@ mod deployments;
 mod desired;
 mod devices;
 mod events;
+mod holds;
 mod pending;
 mod sites;
 
@@ -18,6 +19,7 @@ use serde::Serialize;
 
 pub use commands::CommandSent;
 pub use devices::DeviceView;
+pub use holds::HoldView;
 
 use crate::logs::SharedReplies;
 use crate::registry::{valid_device_id, CommandError, DesiredError, LabelsError};
@@ -36,6 +38,8 @@ struct AppState {
     logs: SharedReplies,
     engine: Engine,
     admission: Arc<Admission>,
+    /// Set on a site hub: wakes the link to the parent when something was queued for it.
+    upward: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// What a deployment must pass before it is stored.
@@ -69,6 +73,7 @@ pub(crate) fn router(
     logs: SharedReplies,
     engine: Engine,
     admission: Admission,
+    upward: Option<Arc<tokio::sync::Notify>>,
 ) -> Router {
     Router::new()
         .route("/v1/devices", get(devices::list))
@@ -83,12 +88,14 @@ pub(crate) fn router(
         .route("/v1/deployments/{name}/revisions", get(deployments::revisions))
         .route("/v1/deployments/{name}/rollout/{action}", post(deployments::rollout_action))
         .route("/v1/sites", get(sites::list))
+        .route("/v1/site-holds", get(holds::list))
+        .route("/v1/site-holds/{name}", axum::routing::put(holds::put).delete(holds::delete))
         .route("/v1/pending-devices", get(pending::list))
         .route("/v1/pending-devices/{id}", axum::routing::delete(pending::reject))
         .route("/v1/pending-devices/{id}/approve", axum::routing::post(pending::approve))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .with_state(AppState { store, publisher, logs, engine, admission: Arc::new(admission) })
+        .with_state(AppState { store, publisher, logs, engine, admission: Arc::new(admission), upward })
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,9 @@ pub struct SiteDevice {
     /// Deployment revisions sent to the device that it has not stored yet
     /// (`name@revision`): what waits for the site's link.
     pub not_received: Vec<String>,
+    /// Revisions the site holds back from the device, and why
+    /// (`app@3: paused at site rig-7`).
+    pub held: Vec<String>,
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Vec<SiteView>>, ApiError> {
@@ -49,6 +52,11 @@ pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Vec<SiteV
                     .iter()
                     .filter(|(_, sent)| d.generation.is_none_or(|g| g < sent.generation))
                     .map(|(name, sent)| format!("{name}@{}", sent.revision))
+                    .collect(),
+                held: d
+                    .rollouts
+                    .iter()
+                    .filter_map(|(name, sent)| Some(format!("{name}@{}: {}", sent.revision, sent.held.as_ref()?)))
                     .collect(),
             });
         }

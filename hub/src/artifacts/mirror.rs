@@ -259,6 +259,10 @@ impl Mirror {
     }
 
     async fn fetch_blob(&self, upstream: &Upstream, digest: &Digest) -> Result<(), MirrorError> {
+        if let Some(parent) = &self.parent {
+            let url = format!("{parent}/v2/{}/blobs/{digest}", upstream.repository);
+            return self.fetch_from_parent(&url, digest, "image blob").await;
+        }
         let image = upstream.reference("latest");
         let name = digest.to_string();
         tracing::info!("site cache: fetching {name} from {}/{}", upstream.registry, upstream.repository);
@@ -279,15 +283,19 @@ impl Mirror {
 }
 
 impl Mirror {
-    /// Resumable: a cut WAN costs only what was in flight, and a partial
-    /// download survives a restart of the site hub (`ota::fetch`).
     async fn fetch_artifact(&self, parent: &str, digest: &Digest) -> Result<(), MirrorError> {
-        let url = format!("{parent}/v1/artifacts/{digest}");
-        tracing::info!("site cache: fetching {digest} from the parent hub");
+        self.fetch_from_parent(&format!("{parent}/v1/artifacts/{digest}"), digest, "artifact").await
+    }
+
+    /// Resumable: a cut WAN costs only what was in flight, and a partial
+    /// download survives a restart of the site hub (`ota::fetch`). The
+    /// parent's HEAD makes it fetch the blob into its own cache first.
+    async fn fetch_from_parent(&self, url: &str, digest: &Digest, what: &str) -> Result<(), MirrorError> {
+        tracing::info!("site cache: fetching {what} {digest} from the parent hub");
         let upstream = |e: reqwest::Error| MirrorError::Upstream(format!("cannot fetch {url}: {e}"));
-        let head = self.http.head(&url).send().await.map_err(upstream)?;
+        let head = self.http.head(url).send().await.map_err(upstream)?;
         if head.status() == reqwest::StatusCode::NOT_FOUND {
-            return Err(MirrorError::NotFound(format!("neither this hub nor its parent has artifact {digest}")));
+            return Err(MirrorError::NotFound(format!("neither this hub nor its parent has {what} {digest}")));
         }
         let head = head.error_for_status().map_err(upstream)?;
         let length = head
@@ -297,11 +305,16 @@ impl Mirror {
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| MirrorError::Upstream(format!("{url} did not say the artifact's length")))?;
         let dest = self.cache.partial_path(digest);
-        let download =
-            ota::Download { url: url.clone(), dest: dest.clone(), length, sha256: *digest, max_bytes_per_sec: None };
+        let download = ota::Download {
+            url: url.to_string(),
+            dest: dest.clone(),
+            length,
+            sha256: *digest,
+            max_bytes_per_sec: None,
+        };
         ota::fetch(&self.http, &download, ota::RetryPolicy::default())
             .await
-            .map_err(|e| MirrorError::Upstream(format!("artifact {digest} from the parent hub: {e}")))?;
+            .map_err(|e| MirrorError::Upstream(format!("{what} {digest} from the parent hub: {e}")))?;
         self.cache.adopt(digest, &dest).await.map_err(cache_error)?;
         Ok(())
     }

@@ -11,7 +11,7 @@ use reqwest::{RequestBuilder, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::api::{CommandSent, DeviceView};
+use crate::api::{CommandSent, DeviceView, HoldView};
 use crate::artifacts::BlobInfo;
 use crate::enroll::NewToken;
 use crate::logs::LogsReply;
@@ -181,6 +181,18 @@ impl ApiClient {
             None => request,
         };
         self.send(request).await
+    }
+
+    pub async fn hold(&self, name: &str, body: &serde_json::Value) -> Result<HoldView, ClientError> {
+        self.send(self.http.put(self.v1(&["site-holds", name])).json(body)).await
+    }
+
+    pub async fn release_hold(&self, name: &str) -> Result<(), ClientError> {
+        self.send_no_content(self.http.delete(self.v1(&["site-holds", name]))).await
+    }
+
+    pub async fn holds(&self) -> Result<Vec<HoldView>, ClientError> {
+        self.send(self.http.get(self.v1(&["site-holds"]))).await
     }
 
     pub async fn pending(&self) -> Result<Vec<PendingDevice>, ClientError> {

@@ -9,6 +9,7 @@ mod config;
 mod deployments;
 mod devices;
 mod events;
+mod hold;
 mod identity;
 mod label;
 mod logs;
@@ -63,6 +64,11 @@ pub enum Command {
     /// Watch, pause, resume, abort or roll back a deployment's rollout.
     #[command(subcommand)]
     Rollout(rollout::Command),
+    /// On a site hub: pause or roll back the parent's rollout of a deployment at this site.
+    #[command(subcommand)]
+    Hold(hold::Command),
+    /// On a site hub: list the holds on the parent's rollouts.
+    Holds(hold::ListArgs),
     /// Restart a workload on a device.
     Restart(restart::Args),
     /// List a device's events as this hub stored them.
@@ -110,6 +116,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Deployments(args) => deployments::list(&client()?, args).await,
             Command::Deployment(command) => deployments::run(&client()?, command).await,
             Command::Rollout(command) => rollout::run(&client()?, command).await,
+            Command::Hold(command) => hold::run(&client()?, command).await,
+            Command::Holds(args) => hold::list(&client()?, args).await,
             Command::Restart(args) => restart::run(&client()?, args).await,
             Command::Events(args) => events::run(&client()?, args).await,
             Command::Logs(args) => logs::run(&client()?, args).await,

@@ -267,6 +267,7 @@ fn pass(store: &Store, now: u64, site: bool) -> Result<Pass, StoreError> {
                         running_since: None,
                         failed: None,
                         agent_update: dep.update.is_some(),
+                        held: None,
                     };
                 }
             }

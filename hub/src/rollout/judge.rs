@@ -56,6 +56,9 @@ pub struct Sent {
     /// The revision is an agent update: events, not workload reports, say
     /// whether it runs.
     pub agent_update: bool,
+    /// The device's site hub holds the revision back (an operator paused
+    /// the rollout on site): the device waits for its site, like one offline.
+    pub held: Option<String>,
 }
 
 /// What a rollout needs to know of one targeted device.
@@ -102,6 +105,9 @@ pub fn device_state(due: u64, device: DeviceFacts, min_healthy: Duration, now: u
     let Some(sent) = device.sent.filter(|s| s.revision == due) else { return waiting };
     if sent.failed.is_some() {
         return DeviceState::Failed;
+    }
+    if sent.held.is_some() {
+        return DeviceState::Offline;
     }
     if device.acknowledged.is_none_or(|g| g < sent.generation) {
         return waiting;
@@ -253,6 +259,13 @@ mod tests {
         assert_eq!(state(false, Some(5), Some(running(now - MIN))), DeviceState::Healthy);
         let failed = Sent { failed: Some("crash loop".into()), ..running(now - MIN) };
         assert_eq!(state(true, Some(5), Some(failed)), DeviceState::Failed);
+    }
+
+    #[test]
+    fn a_device_whose_site_holds_the_revision_back_waits_like_an_offline_one() {
+        let held = Sent { held: Some("paused at site rig-7".into()), ..sent(2) };
+        let facts = DeviceFacts { online: true, acknowledged: Some(5), sent: Some(&held) };
+        assert_eq!(device_state(2, facts, Duration::from_millis(MIN), 10_000_000), DeviceState::Offline);
     }
 
     #[test]

@@ -9,17 +9,17 @@ use tokio::process::Command;
 use crate::support::*;
 
 /// Runs `hub --hub-url API ARGS...`; the future owns what it needs, so it can be spawned.
-fn hub_cli(api: &str, args: &[&str]) -> impl Future<Output = Output> + 'static {
+pub(crate) fn hub_cli(api: &str, args: &[&str]) -> impl Future<Output = Output> + 'static {
     let mut command = Command::new(env!("CARGO_BIN_EXE_hub"));
     command.arg("--hub-url").arg(api).args(args);
     async move { command.output().await.unwrap() }
 }
 
-fn stdout(output: &Output) -> String {
+pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 

@@ -10,6 +10,7 @@ use testkit::proxy::CuttingProxy;
 use outpost_proto::sync::Channel;
 
 use crate::artifacts::{host, pull_through, put_artifact, random_bytes};
+use crate::cli::{hub_cli, stderr, stdout};
 use crate::commands::{logs_for, logs_reply};
 use crate::rollouts::rollout_reaches;
 use crate::support::*;
@@ -441,6 +442,35 @@ async fn a_site_local_deployment_applied_during_the_cut_runs_beside_the_clouds_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_layer_from_the_clouds_mirror_resumes_through_a_wan_cut_every_300_kb_fetching_under_5_percent_more() {
+    use testkit::image::{build_oci_layout, RunConfig};
+    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let registry = testkit::Registry::start().unwrap();
+    let layout = cloud_dir.path().join("layout");
+    let layer = testkit::layers::random_file("data", 3 << 20).unwrap();
+    build_oci_layout(&layout, "app:1", &[layer], &RunConfig::default()).unwrap();
+    registry.push(&layout, "app:1").unwrap();
+    let registry_host = registry.addr().to_string();
+    let mut cloud_config =
+        Config { sites: [(SITE.to_string(), SITE_TOKEN.to_string())].into(), ..config(&cloud_dir.path().join("hub")) };
+    cloud_config.insecure_registries = vec![registry_host.clone()];
+    let cloud = TestHub::start(cloud_config).await;
+    let wan = CuttingProxy::start(cloud.mqtt).await.unwrap();
+    let wan_http = CuttingProxy::start(host(&cloud).parse().unwrap()).await.unwrap();
+    wan_http.cut_every(300 * 1024);
+    let site = TestHub::start(site_with_cache(site_dir.path(), &wan, &wan_http)).await;
+
+    let image = pull_through(&host(&site), &format!("{registry_host}/app"), "1").await;
+    assert!(image.layers[0].data.len() > 3 << 20, "the layer came whole");
+    assert!(wan_http.cuts() >= 9, "the WAN was cut {} times", wan_http.cuts());
+    let crossed = wan_http.downstream_bytes() as f64;
+    let size = image.layers[0].data.len() as f64;
+    assert!(crossed <= size * 1.05, "{crossed} bytes crossed the WAN for a layer of {size} bytes");
+    site.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_artifact_from_the_parent_resumes_through_a_wan_cut_every_300_kb_fetching_under_5_percent_more() {
     let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (cloud, wan) = cloud(cloud_dir.path()).await;
@@ -509,6 +539,157 @@ async fn a_site_cannot_report_for_a_device_another_site_carries() {
     assert_eq!((view["event_seq"].as_u64(), view["site"].as_str()), (Some(1), Some(SITE)), "{view}");
     assert_eq!(cloud.event_seqs("pump-3").await, [1]);
     poller.abort();
+    site.stop().await;
+    cloud.stop().await;
+}
+
+fn app(revision: &str, waves: serde_json::Value, min_healthy: &str) -> String {
+    serde_json::json!({
+        "name": "app",
+        "strategy": { "waves": waves, "min-healthy": min_healthy },
+        "workloads": [{ "name": "web", "image": pinned(&format!("web:{revision}")) }],
+    })
+    .to_string()
+}
+
+/// The revision of `app` in the desired state the site hub serves a device.
+async fn app_at_site(site: &TestHub, device: &str) -> Option<u64> {
+    let (_, desired) = site.get(&format!("/v1/devices/{device}/desired")).await;
+    let deployments = desired["deployments"].as_array()?;
+    deployments.iter().find(|d| d["name"] == "app").and_then(|d| d["revision"].as_u64())
+}
+
+#[tokio::test]
+async fn an_operator_on_site_rolls_the_clouds_revision_back_during_the_cut_and_the_cloud_counts_it_failed_after() {
+    let Topology { cloud, wan, site, _dirs } = Topology::start().await;
+    let mut pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.report(&report(1, true, 0, &[], &[])).await;
+    cloud.wait_for_device("pump-3", "known through the site", |d| d["site"] == SITE).await;
+    assert_eq!(cloud.put("/v1/deployments/app", &app("1", serde_json::json!(["100%"]), "0s")).await.0, 200);
+    let desired = pump.desired_with("app", 1).await;
+    pump.report(&all_running(2, &desired)).await;
+    rollout_reaches(&cloud, "app", "complete", |s| s["rollout"]["state"] == "complete").await;
+    // Revision 2 runs but is not yet healthy for long enough: the rollout is still going.
+    assert_eq!(cloud.put("/v1/deployments/app", &app("2", serde_json::json!(["100%"]), "1h")).await.0, 200);
+    let desired = pump.desired_with("app", 2).await;
+    pump.report(&all_running(3, &desired)).await;
+
+    wan.set_link_down(true);
+    let (status, body) = site.post("/v1/deployments/app/rollout/rollback", "").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("hub hold rollback app"), "{body}");
+    let (status, hold) =
+        site.put("/v1/site-holds/app", r#"{"action": "rollback", "reason": "pump 3 overheats"}"#).await;
+    assert_eq!(status, 200, "{hold}");
+    assert_eq!(hold["action"], serde_json::json!({ "rollback": { "to": 1 } }), "{hold}");
+    assert_eq!(hold["devices_held"], serde_json::json!(["pump-3"]), "{hold}");
+    let desired = pump.desired_with("app", 1).await;
+    assert_eq!(running(&desired), [("app".into(), 1, pinned("web:1"))], "the site sent revision 1 back");
+    pump.report(&all_running(4, &desired)).await;
+
+    wan.set_link_down(false);
+    let stopped = rollout_reaches(&cloud, "app", "rolled back", |s| s["rollout"]["state"] == "rolled-back").await;
+    let reason = stopped["rollout"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("1 of 1 reachable devices failed revision 2"), "{stopped}");
+    let device = cloud.device("pump-3").await;
+    assert_eq!(workloads(&device).get("web").map(String::as_str), Some("running"), "{device}");
+    let (status, _) = site.post("/v1/deployments/app/rollout/rollback", "").await;
+    assert_eq!(status, 404);
+    site.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test]
+async fn a_rollout_paused_on_site_keeps_the_sites_devices_on_their_revision_and_the_cloud_counts_them_waiting() {
+    let Topology { cloud, wan, site, _dirs } = Topology::start().await;
+    let mut pumps = Vec::new();
+    for id in ["pump-3", "pump-4"] {
+        let pump = DeviceSimulator::connect(site.mqtt, id, token(id)).await;
+        pump.report(&report(1, true, 0, &[], &[])).await;
+        cloud.wait_for_device(id, "known through the site", |d| d["site"] == SITE).await;
+        pumps.push(pump);
+    }
+    assert_eq!(cloud.put("/v1/deployments/app", &app("1", serde_json::json!(["100%"]), "0s")).await.0, 200);
+    for pump in &mut pumps {
+        let desired = pump.desired_with("app", 1).await;
+        pump.report(&all_running(2, &desired)).await;
+    }
+    rollout_reaches(&cloud, "app", "complete", |s| s["rollout"]["state"] == "complete").await;
+
+    // Revision 2 in two waves; the first reaches one pump.
+    assert_eq!(cloud.put("/v1/deployments/app", &app("2", serde_json::json!(["1", "100%"]), "0s")).await.0, 200);
+    let first = within(WAIT, async {
+        loop {
+            for (i, id) in ["pump-3", "pump-4"].iter().enumerate() {
+                if app_at_site(&site, id).await == Some(2) {
+                    return i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the first wave reached the site");
+    let (second_id, first_id) = (["pump-3", "pump-4"][1 - first], ["pump-3", "pump-4"][first]);
+
+    // On site, with the WAN cut: pause it. The first pump keeps revision 2, and is healthy.
+    wan.set_link_down(true);
+    let paused = hub_cli(&site.api, &["hold", "pause", "app", "--reason", "night shift"]).await;
+    assert!(paused.status.success(), "{}", stderr(&paused));
+    assert_eq!(stdout(&paused), "app: paused (revisions up to 2), 0 devices held back\n");
+    let desired = pumps[first].desired_with("app", 2).await;
+    pumps[first].report(&all_running(3, &desired)).await;
+
+    // Back: the cloud's next wave gives the second pump revision 2, which the site holds back.
+    wan.set_link_down(false);
+    let sites = within(WAIT, async {
+        loop {
+            let (_, sites) = cloud.get("/v1/sites").await;
+            let held =
+                sites[0]["devices"].as_array().unwrap().iter().any(|d| !d["held"].as_array().unwrap().is_empty());
+            if held {
+                return sites;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the cloud hears that the site holds revision 2 back");
+    let second = sites[0]["devices"].as_array().unwrap().iter().find(|d| d["id"] == second_id).unwrap().clone();
+    assert_eq!(second["held"], serde_json::json!(["app@2: paused at site rig-7: night shift"]), "{sites}");
+    assert_eq!(app_at_site(&site, second_id).await, Some(1), "the second pump stays on revision 1");
+    assert_eq!(app_at_site(&site, first_id).await, Some(2));
+    let status = rollout_reaches(&cloud, "app", "the held pump waiting for its site", |s| {
+        s["rollout"]["counts"]["offline"] == 1
+    })
+    .await;
+    assert_eq!(status["rollout"]["state"], "progressing", "{status}");
+    assert_eq!(status["rollout"]["counts"]["failed"], 0, "{status}");
+    assert_eq!(site.get("/v1/site-holds").await.1[0]["devices_held"], serde_json::json!([second_id]));
+    let holds = stdout(&hub_cli(&site.api, &["holds"]).await);
+    assert!(holds.contains(second_id) && holds.contains("night shift"), "{holds}");
+
+    // Released on site: the second pump gets revision 2 and the cloud's rollout completes.
+    let released = hub_cli(&site.api, &["hold", "release", "app"]).await;
+    assert!(released.status.success(), "{}", stderr(&released));
+    let desired = pumps[1 - first].desired_with("app", 2).await;
+    pumps[1 - first].report(&all_running(3, &desired)).await;
+    rollout_reaches(&cloud, "app", "complete", |s| s["rollout"]["state"] == "complete").await;
+    site.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test]
+async fn a_hold_on_a_hub_without_a_parent_or_on_a_deployment_the_site_never_received_is_refused() {
+    let Topology { cloud, wan: _wan, site, _dirs } = Topology::start().await;
+    let (status, body) = cloud.put("/v1/site-holds/app", r#"{"action": "pause"}"#).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("no parent"), "{body}");
+    let (status, body) = site.put("/v1/site-holds/app", r#"{"action": "pause"}"#).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = site.put("/v1/site-holds/app", r#"{"action": "stop"}"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(site.delete("/v1/site-holds/app").await.0, 404);
     site.stop().await;
     cloud.stop().await;
 }

@@ -83,6 +83,14 @@ impl TestHub {
         self.send(self.http.post(format!("{}{path}", self.api)), body).await
     }
 
+    /// The status, and the body as JSON (null when empty).
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let response = self.http.delete(format!("{}{path}", self.api)).send().await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.bytes().await.unwrap();
+        (status, if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap() })
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder, body: &str) -> (u16, Value) {
         let response = request.header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap())
