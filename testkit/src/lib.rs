@@ -8,6 +8,7 @@ pub mod http;
 pub mod hub;
 pub mod image;
 pub mod layers;
+pub mod loopfs;
 pub mod mosquitto;
 pub mod netns;
 pub mod proxy;

@@ -1,0 +1,367 @@
+//! Power loss on a device: the agent's data dir (its sled store, the
+//! desired-state snapshot, images, workloads, logs) lives on a small ext4
+//! filesystem on a loop device, and the power is cut while the agent is
+//! storing new desired states as fast as they come.
+//!
+//! How the cut models a power loss (see `testkit::loopfs`): the agent is
+//! SIGKILLed, then the filesystem is shut down with `EXT4_IOC_SHUTDOWN`
+//! (`NOLOGFLUSH`), which drops every write that had not been flushed (the
+//! page cache, delayed allocations, the open journal transaction) and stops
+//! every later one. Then the rest of the device dies (shims, containers, the
+//! run dir, which is a tmpfs on a device, and the cgroups), the filesystem is
+//! unmounted, checked with `e2fsck -fy` (the journal replayed) and mounted
+//! again, and the agent starts from what is on disk, with no network. Killing
+//! the agent alone would not do: the kernel would still write out everything
+//! the agent wrote, flushed or not. There is no device-mapper on this kernel,
+//! so no dm-flakey; the shutdown drops the same writes dm-flakey's
+//! `drop_writes` would, but not writes a disk's volatile cache would lose.
+//!
+//! "Acknowledged" is what `edge-agent apply` reported as applied: the agent
+//! answers only after the state and its `applied` event are flushed.
+//! Needs root, a kernel with loop devices and ext4, e2fsprogs and util-linux.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tempfile::TempDir;
+use testkit::agent::{state, Agent};
+use testkit::loopfs::LoopFs;
+
+const WAIT: Duration = Duration::from_secs(20);
+/// When the power goes, counted from the first of a stream of new desired
+/// states: one cut per entry, in this order, on the same filesystem.
+const CUTS: [Duration; 8] = [
+    Duration::from_millis(0),
+    Duration::from_millis(15),
+    Duration::from_millis(40),
+    Duration::from_millis(80),
+    Duration::from_millis(130),
+    Duration::from_millis(200),
+    Duration::from_millis(300),
+    Duration::from_millis(550),
+];
+
+/// Generation `g` runs `sleep 600000+g`, so a running process says which generation started it.
+fn seconds(generation: u64) -> u64 {
+    600_000 + generation
+}
+
+fn document(generation: u64) -> String {
+    let image = testkit::image::busybox_pinned();
+    let seconds = seconds(generation);
+    format!(
+        "version = 1\ngeneration = {generation}\n\n[[deployments]]\nname = \"app\"\nrevision = {generation}\n\n\
+         [[deployments.workloads]]\nname = \"svc\"\nimage = \"{image}\"\n\
+         command = [\"/bin/sh\", \"-c\", \"exec sleep {seconds}\"]\nstop-grace-period = \"100ms\"\n"
+    )
+}
+
+/// A device: an agent whose data dir is on a loop-mounted ext4 filesystem,
+/// and whose configuration is elsewhere (as /etc is on a device).
+struct Device {
+    agent: Agent,
+    fs: LoopFs,
+    etc: TempDir,
+    /// Between `power_off` and `power_on`.
+    off: AtomicBool,
+}
+
+impl Device {
+    fn new() -> Self {
+        let fs = LoopFs::new(128);
+        let mut agent = Agent::new();
+        agent.data =
+            tempfile::Builder::new().prefix("outpost-data-").tempdir_in(fs.path()).expect("data dir on the loop fs");
+        let etc = tempfile::Builder::new().prefix("outpost-etc-").tempdir().expect("temp dir");
+        // No hub: the device has no network at all.
+        let config = etc.path().join("agent.toml");
+        std::fs::write(&config, format!("trust-root = {:?}\n", testkit::trust::operator().root_path())).unwrap();
+        agent.extra_args = vec!["--config".into(), config.to_str().unwrap().into()];
+        testkit::import_busybox(&agent);
+        Self { agent, fs, etc, off: AtomicBool::new(false) }
+    }
+
+    /// `edge-agent apply` of generation `g`, signed; Ok when the agent acknowledged it.
+    fn apply(&self, generation: u64) -> Result<(), String> {
+        let file = self.etc.path().join(format!("desired-{generation}.toml"));
+        std::fs::write(&file, testkit::trust::operator().sign_document(&document(generation))).unwrap();
+        let out = self.agent.command().args(["apply", "-f", file.to_str().unwrap()]).output().unwrap();
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
+    }
+
+    /// Pids of every process of this device but the daemon: shims (the
+    /// agent's binary with this data dir on its command line), containers
+    /// (in this agent's cgroups), an `apply` still running.
+    fn processes(&self) -> Vec<i32> {
+        let data = self.fs.path().to_string_lossy().into_owned();
+        let me = std::process::id() as i32;
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            if pid == me {
+                continue;
+            }
+            let read = |file: &str| std::fs::read(entry.path().join(file)).unwrap_or_default();
+            let stat = String::from_utf8_lossy(&read("stat")).into_owned();
+            if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) {
+                continue;
+            }
+            let cmdline = String::from_utf8_lossy(&read("cmdline")).replace('\0', " ");
+            let cgroup = String::from_utf8_lossy(&read("cgroup")).into_owned();
+            if cmdline.contains(&data) || cgroup.contains(&self.agent.cgroup_parent) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// SIGKILL to every process of the device until none is left.
+    fn kill_everything(&self) {
+        self.agent.kill_daemon();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pids = self.processes();
+            if pids.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "processes of the device survive SIGKILL: {pids:?}");
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The power goes: the agent dies first, so it cannot act on the errors
+    /// the shutdown gives it; at once nothing unflushed survives; then
+    /// everything else of the device goes, as it would with the power.
+    fn power_off(&self, cutting: &AtomicBool) {
+        cutting.store(true, Ordering::SeqCst);
+        self.agent.kill_daemon();
+        self.fs.power_cut();
+        self.off.store(true, Ordering::SeqCst);
+        self.kill_everything();
+    }
+
+    /// What a reboot finds gone, then the filesystem checked and mounted, and
+    /// the agent started on it. Returns fsck's output and where this boot's
+    /// lines start in the daemon's log.
+    fn power_on(&mut self) -> (String, usize) {
+        self.fs.unmount();
+        for entry in std::fs::read_dir(self.agent.run.path()).unwrap().flatten() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+        remove_cgroups(&self.agent.cgroup_parent);
+        let fsck = self.fs.fsck();
+        self.fs.mount();
+        self.off.store(false, Ordering::SeqCst);
+        let log_start = self.agent.daemon_log().len();
+        self.agent.start_daemon();
+        (fsck, log_start)
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // The agent's own clean-up (ps, rm) needs the filesystem; a device left powered off has none.
+        self.kill_everything();
+        if self.off.load(Ordering::SeqCst) {
+            remove_cgroups(&self.agent.cgroup_parent);
+        }
+    }
+}
+
+/// Removes `parent` and the cgroups below it in every hierarchy, deepest first.
+fn remove_cgroups(parent: &str) {
+    fn remove(dir: &std::path::Path) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove(&entry.path());
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        let dir = hierarchy.path().join(parent);
+        if dir.is_dir() {
+            remove(&dir);
+        }
+    }
+}
+
+/// What the device runs once it settled: one instance of `svc`, running;
+/// its deployment revision (= generation) and its process's command line.
+fn settled(agent: &Agent, at_least: u64) -> (u64, String) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let list: Value = serde_json::from_str(&agent.ok(&["ps", "--json"])).expect("ps --json is JSON");
+        let list = list.as_array().cloned().unwrap_or_default();
+        if let [w] = list.as_slice() {
+            let revision = w["deployment"]["revision"].as_u64().unwrap_or(0);
+            let pid = w["status"]["pid"].as_i64().unwrap_or(0);
+            if state(w) == "running" && w["name"] == "svc" && revision >= at_least && pid > 0 {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if cmdline.contains("sleep") {
+                    return (revision, cmdline.trim().to_string());
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the device never settled on one running `svc` of generation {at_least} or newer: {list:#?}\n{}",
+            agent.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn agent_started_after_a_power_cut_mid_write_runs_the_last_state_it_acknowledged() {
+    let started = Instant::now();
+    let mut device = Device::new();
+    device.agent.start_daemon();
+    device.apply(1).expect("generation 1 is acknowledged");
+    settled(&device.agent, 1);
+
+    let mut acknowledged: Vec<u64> = vec![1];
+    let mut sent = 1;
+    // Cuts that came while an apply was on its way: sent, not (yet) acknowledged.
+    let mut mid_apply = 0;
+    for (cut, after) in CUTS.iter().enumerate() {
+        // New desired states, one after the other, as fast as the agent acknowledges them.
+        let cutting = AtomicBool::new(false);
+        let stream_acks = Mutex::new(Vec::new());
+        let next = Mutex::new(sent + 1);
+        let errors = Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            let device = &device;
+            scope.spawn(|| {
+                while !cutting.load(Ordering::SeqCst) {
+                    let generation = {
+                        let mut next = next.lock().unwrap();
+                        *next += 1;
+                        *next - 1
+                    };
+                    match device.apply(generation) {
+                        Ok(()) => stream_acks.lock().unwrap().push(generation),
+                        // Failing for any reason but the cut is a bug.
+                        Err(e) if !cutting.load(Ordering::SeqCst) => {
+                            errors.lock().unwrap().push(format!("generation {generation}: {e}"))
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
+            std::thread::sleep(*after);
+            device.power_off(&cutting);
+        });
+        let errors = errors.into_inner().unwrap();
+        assert!(errors.is_empty(), "applies refused before the cut: {errors:#?}");
+        let stream_acks = stream_acks.into_inner().unwrap();
+        sent = next.into_inner().unwrap() - 1;
+        acknowledged.extend(&stream_acks);
+        let newest_acknowledged = *acknowledged.iter().max().unwrap();
+        mid_apply += usize::from(sent > newest_acknowledged);
+
+        let (fsck, log_start) = device.power_on();
+        let data = device.agent.data.path().to_path_buf();
+        let moved: Vec<String> = std::fs::read_dir(&data)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("store.corrupt"))
+            .collect();
+        assert!(
+            moved.is_empty(),
+            "cut {cut}: the store was found corrupt after a power cut and moved aside ({moved:?}):\n{}",
+            device.agent.daemon_log()
+        );
+
+        let (running, cmdline) = settled(&device.agent, newest_acknowledged);
+        println!(
+            "cut {cut} after {after:?}: {} acknowledged in the stream, newest {newest_acknowledged}, sent up to {sent}; \
+             runs generation {running} ({cmdline})",
+            stream_acks.len()
+        );
+        assert!(running <= sent, "cut {cut}: the device runs generation {running}, which was never sent");
+        assert_eq!(
+            cmdline,
+            format!("sleep {}", seconds(running)),
+            "cut {cut}: generation {running}'s workload runs another generation's command"
+        );
+
+        // Every acknowledged generation's event survived, numbered once.
+        let events = device.agent.events();
+        let applied: Vec<u64> =
+            events.iter().filter(|e| e["event"] == "applied").filter_map(|e| e["generation"].as_u64()).collect();
+        for generation in &acknowledged {
+            assert!(
+                applied.contains(generation),
+                "cut {cut}: the `applied` event of acknowledged generation {generation} is lost: {applied:?}"
+            );
+        }
+        let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "cut {cut}: event numbers repeat or go back: {seqs:?}");
+        assert!(
+            applied.iter().all(|g| *g <= running),
+            "cut {cut}: the device runs {running} though it recorded applying {applied:?}"
+        );
+        // sled 0.34 writes its `conf` without an fsync: after a cut it can be
+        // empty, which sled reads as absent and writes again (a warning).
+        let log = device.agent.daemon_log();
+        let boot = log.get(log_start..).unwrap_or(&log);
+        let corrupt: Vec<&str> =
+            boot.lines().filter(|l| l.contains("corrupt") && !l.contains("empty/corrupt configuration file")).collect();
+        assert!(corrupt.is_empty(), "cut {cut}: the agent reported its store corrupt: {corrupt:#?}\nfsck:\n{fsck}");
+        if boot.contains("empty/corrupt configuration file") {
+            println!("cut {cut}: sled found its `conf` empty and wrote it again");
+        }
+    }
+
+    assert!(mid_apply > 0, "no cut came while an apply was on its way: the test did not test a cut mid-write");
+
+    // Still a working device: it takes the next generation.
+    sent += 1;
+    device.apply(sent).unwrap_or_else(|e| panic!("generation {sent} after the last power cut: {e}"));
+    let (running, _) = settled(&device.agent, sent);
+    assert_eq!(running, sent);
+    println!("{} power cuts ({mid_apply} while an apply was on its way) in {:?}", CUTS.len(), started.elapsed());
+}
+
+/// The model itself: what was fsync'd before the cut is there after it,
+/// what was only written is not, and nothing gets through after the cut.
+#[test]
+fn a_power_cut_keeps_what_was_flushed_and_drops_what_was_not() {
+    use std::io::{Seek, Write};
+    let mut fs = LoopFs::new(32);
+    let flushed = fs.path().join("flushed");
+    let mut file = std::fs::File::create(&flushed).unwrap();
+    file.write_all(&[b'o'; 8192]).unwrap();
+    file.sync_all().unwrap();
+    std::fs::File::open(fs.path()).unwrap().sync_all().unwrap();
+    // Overwritten in place, not flushed.
+    file.rewind().unwrap();
+    file.write_all(&[b'n'; 4096]).unwrap();
+    let unflushed = fs.path().join("unflushed");
+    std::fs::write(&unflushed, b"never flushed").unwrap();
+
+    fs.power_cut();
+    assert!(std::fs::write(fs.path().join("after"), b"x").is_err(), "a write after the cut succeeded");
+    drop(file);
+    fs.unmount();
+    fs.fsck();
+    fs.mount();
+
+    assert_eq!(std::fs::read(&flushed).unwrap(), vec![b'o'; 8192], "the flushed content, not the unflushed overwrite");
+    let lost = std::fs::read(&unflushed).map(|bytes| bytes.is_empty()).unwrap_or(true);
+    assert!(lost, "data never flushed survived the cut: it does not model a power loss");
+    assert!(!fs.path().join("after").exists());
+}
