@@ -19,7 +19,7 @@
 //! desired state, and the link comes back on its own, with exponential
 //! backoff and jitter.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -421,7 +421,13 @@ fn diff(last: Option<&ReportedView>, now: &ReportedView, seq: u64) -> Report {
                 .filter(|(name, w)| last.workloads.get(*name) != Some(w))
                 .map(|(_, w)| w.clone())
                 .collect();
-            report.removed = last.workloads.keys().filter(|name| !now.workloads.contains_key(*name)).cloned().collect();
+            // The view is keyed by instance, the hub's by workload name: a name
+            // is removed once no instance of it is left (a replaced instance
+            // comes back under the same name).
+            let names_now: BTreeSet<&str> = now.workloads.values().map(|w| w.name.as_str()).collect();
+            let gone: BTreeSet<&str> =
+                last.workloads.values().map(|w| w.name.as_str()).filter(|name| !names_now.contains(name)).collect();
+            report.removed = gone.into_iter().map(String::from).collect();
             report.agent_version.clear();
         }
     }
@@ -536,6 +542,23 @@ mod tests {
             generation: Some(3),
             workloads: workloads.iter().map(|(n, s)| (n.to_string(), workload(n, s))).collect(),
         }
+    }
+
+    /// Instances named `{name}-{suffix}`, as the supervisor names them.
+    fn instances(workloads: &[(&str, &str, &str)]) -> ReportedView {
+        ReportedView {
+            generation: Some(3),
+            workloads: workloads.iter().map(|(n, i, s)| (format!("{n}-{i}"), workload(n, s))).collect(),
+        }
+    }
+
+    #[test]
+    fn a_removed_workload_is_reported_by_its_name_and_a_replaced_one_is_not_removed() {
+        let first = instances(&[("web", "a1", "running"), ("db", "b1", "running")]);
+        let second = instances(&[("web", "a2", "running")]);
+        let delta = diff(Some(&first), &second, 2);
+        assert_eq!(delta.removed, ["db"], "the hub knows workloads by name, not by instance");
+        assert_eq!(delta.workloads.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["web"]);
     }
 
     #[test]
