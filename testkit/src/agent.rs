@@ -46,22 +46,30 @@ pub struct Agent {
     /// The network namespace the daemon runs in (entered with nsenter, which,
     /// unlike `ip netns exec`, leaves /sys and its cgroups mounted); none: the test's.
     pub netns: Option<String>,
+    /// A cgroup the daemon (and so its shims) starts in: a small device's size.
+    pub daemon_cgroup: Option<std::sync::Arc<crate::constrained::Constrained>>,
     daemon: Mutex<Option<Child>>,
 }
 
 impl Agent {
     pub fn new() -> Self {
+        Self::with_binary(agent_binary())
+    }
+
+    /// As `new`, with another build of the agent (a release build, for a benchmark).
+    pub fn with_binary(binary: &'static Path) -> Self {
         require_root();
         let data = tempfile::Builder::new().prefix("outpost-data-").tempdir().expect("temp dir");
         let run = tempfile::Builder::new().prefix("outpost-run-").tempdir().expect("temp dir");
         let cgroup_parent = format!("outpost-test-{}", run.path().file_name().unwrap().to_string_lossy());
         let mut agent = Self {
-            binary: agent_binary(),
+            binary,
             data,
             run,
             cgroup_parent,
             extra_args: Vec::new(),
             netns: None,
+            daemon_cgroup: None,
             daemon: Mutex::new(None),
         };
         agent.use_config("");
@@ -184,11 +192,13 @@ impl Agent {
             .append(true)
             .open(self.data.path().join("daemon.log"))
             .expect("daemon log");
-        // nsenter execs the agent: the child's pid is the daemon's.
-        let child = self
-            .command_in(self.netns.as_deref())
-            .arg("daemon")
-            .env("OUTPOST_LOG", "info")
+        // nsenter execs the agent, as does the cgroup's shell: the child's pid is the daemon's.
+        let mut command = self.command_in(self.netns.as_deref());
+        command.arg("daemon").env("OUTPOST_LOG", "info");
+        if let Some(cgroup) = &self.daemon_cgroup {
+            command = cgroup.wrap(&command);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

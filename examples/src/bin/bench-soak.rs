@@ -1,0 +1,332 @@
+//! The agent on a small device: the release agent daemon (and so its shims)
+//! inside a cgroup of 64 MiB and a quarter of a CPU, linked to a real hub on
+//! loopback, running 10 workloads from signed desired states.
+//!
+//! 1. idle: 10 steady workloads; the daemon's resident memory (VmRSS);
+//! 2. pulling: an 11th workload whose image (busybox and a 48 MiB layer)
+//!    comes from a registry on loopback; the daemon's peak VmRSS meanwhile;
+//! 3. soak: 10 workloads that change all the time (2 crash and are
+//!    restarted, 2 answer exec health probes, 2 write logs that rotate, a
+//!    new generation that restarts one every minute), with every interval
+//!    compressed, for --minutes; the daemon's VmRSS each second.
+//!
+//! At the end: no OOM kill in the cgroup, the daemon still the same
+//! process, and every event the device recorded stored at the hub exactly
+//! once. The figures go to docs/benchmarks.md.
+//!
+//! usage (as root): bench-soak [--minutes M] [--agent PATH]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use testkit::agent::Agent;
+use testkit::constrained::Constrained;
+use testkit::hub::Hub;
+use testkit::image::{build_oci_layout, busybox_config, busybox_rootfs, Layer};
+
+const DEVICE: &str = "soak-1";
+const TOKEN: &str = "soak-token";
+const MEMORY: u64 = 64 << 20;
+const CPUS: f64 = 0.25;
+const LAYER: usize = 48 << 20;
+
+fn main() -> anyhow::Result<()> {
+    testkit::agent::require_root();
+    let mut minutes = 10u64;
+    let mut binary = PathBuf::from("target/release/edge-agent");
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--minutes" => minutes = value()?.parse()?,
+            "--agent" => binary = value()?.into(),
+            other => bail!("unknown flag {other}; usage: bench-soak [--minutes M] [--agent PATH]"),
+        }
+    }
+    if !binary.exists() {
+        bail!("needs edge-agent at {} (cargo build --release -p edge-agent)", binary.display());
+    }
+    let binary: &'static Path = Box::leak(std::fs::canonicalize(&binary)?.into_boxed_path());
+
+    let work = tempfile::Builder::new().prefix("outpost-soak-").tempdir()?;
+    let registry = testkit::Registry::start()?;
+    let big = big_image(work.path(), &registry)?;
+    let hub = Hub::new(&[(DEVICE, TOKEN)]);
+    let cgroup = Arc::new(Constrained::new("outpost-soak-agent", MEMORY, CPUS));
+    let mut agent = Agent::with_binary(binary);
+    agent.use_config(&format!(
+        "device-id = \"{DEVICE}\"\nhub = \"mqtt://{}\"\nhub-token = \"{TOKEN}\"\nreport-interval = \"200ms\"\n\
+         reconcile-interval = \"500ms\"\nkeep-alive = \"5s\"\nlog-max-size = \"64KiB\"\ninsecure-registries = [\"{}\"]\n",
+        hub.mqtt,
+        registry.host()
+    ));
+    testkit::import_busybox(&agent);
+    agent.daemon_cgroup = Some(cgroup.clone());
+    agent.start_daemon();
+    let pid = agent.daemon_pid().context("the daemon's pid")?;
+    let started = process_start(pid);
+    println!("agent daemon pid {pid} in a cgroup of {} MiB and {CPUS} CPU", MEMORY >> 20);
+
+    // 1. Idle.
+    hub.set_desired(DEVICE, &document(1, &steady(10)));
+    wait_running(&hub, 1, 10, Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_secs(10));
+    let idle = sample(pid, Duration::from_secs(20), Duration::from_millis(200));
+    println!("idle: median {:.1} MiB, max {:.1} MiB", mib(median(&idle)), mib(max(&idle)));
+
+    // 2. Pulling.
+    let peak = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let pull_started = Instant::now();
+    let mut with_big = steady(10);
+    with_big.push(workload("big", &big, "exec sleep 3600", ""));
+    hub.set_desired(DEVICE, &document(2, &with_big));
+    wait_running(&hub, 2, 11, Duration::from_secs(300))?;
+    let pull_took = pull_started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().expect("the sampler does not panic");
+    let pulling = peak.load(Ordering::Relaxed);
+    println!("pulling a {} MiB layer: peak {:.1} MiB, {:.1} s", LAYER >> 20, mib(pulling), pull_took.as_secs_f64());
+
+    // 3. Soak.
+    let mut generation = 3;
+    hub.set_desired(DEVICE, &document(generation, &churn(generation)));
+    wait_running(&hub, generation, 10, Duration::from_secs(120))?;
+    let soak_started = Instant::now();
+    let mut per_minute: Vec<Vec<u64>> = Vec::new();
+    while soak_started.elapsed() < Duration::from_secs(minutes * 60) {
+        let samples = sample(pid, Duration::from_secs(60), Duration::from_secs(1));
+        if samples.is_empty() || process_start(pid) != started {
+            bail!("the agent daemon is gone after {:?}:\n{}", soak_started.elapsed(), agent.daemon_log());
+        }
+        println!(
+            "minute {:>3}: VmRSS min {:.1} median {:.1} max {:.1} MiB; oom kills {}",
+            per_minute.len() + 1,
+            mib(*samples.iter().min().unwrap()),
+            mib(median(&samples)),
+            mib(max(&samples)),
+            cgroup.oom_kills()
+        );
+        per_minute.push(samples);
+        generation += 1;
+        hub.set_desired(DEVICE, &document(generation, &churn(generation)));
+    }
+    wait_generation(&hub, generation, Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    let oom_kills = cgroup.oom_kills();
+    // The device drops the events the hub acknowledged: none may be left,
+    // and the hub's numbers must run from 1 without a gap or a double.
+    let undelivered = agent.events().len();
+    let at_hub = hub_event_seqs(&hub)?;
+    let unique: BTreeSet<u64> = at_hub.iter().copied().collect();
+    let gaps = (1..=unique.last().copied().unwrap_or(0)).filter(|s| !unique.contains(s)).count();
+    let doubled = at_hub.len() - unique.len();
+    let restarts = same_view(&agent, &hub, Duration::from_secs(30))?;
+
+    let first = median(&per_minute[0]);
+    let last = median(per_minute.last().unwrap());
+    println!();
+    println!("| figure | value | target |");
+    println!("|---|---|---|");
+    println!("| agent VmRSS idle, 10 workloads (median) | {:.1} MiB | under 15 MB |", mib(median(&idle)));
+    println!("| agent VmRSS pulling a {} MiB layer (peak) | {:.1} MiB | under 25 MB |", LAYER >> 20, mib(pulling));
+    println!("| soak length | {minutes} min, {} generations | |", generation - 2);
+    println!("| agent VmRSS, first minute of the soak (median) | {:.1} MiB | |", mib(first));
+    println!("| agent VmRSS, last minute of the soak (median) | {:.1} MiB | flat |", mib(last));
+    println!("| agent VmRSS, whole soak (max) | {:.1} MiB | |", mib(per_minute.iter().map(|m| max(m)).max().unwrap()));
+    println!("| cgroup peak (agent and shims, page cache included) | {:.1} MiB | 64 MiB limit |", cgroup.peak_bytes() as f64 / (1 << 20) as f64);
+    println!("| OOM kills in the cgroup | {oom_kills} | 0 |");
+    println!("| workload restarts, the device's count = the hub's view | {restarts} | equal |");
+    println!("| events stored at the hub | {} | |", unique.len());
+    println!("| events undelivered / missing at the hub / stored twice | {undelivered} / {gaps} / {doubled} | 0 / 0 / 0 |");
+    agent.kill_daemon();
+    if oom_kills > 0 || undelivered > 0 || gaps > 0 || doubled > 0 {
+        bail!("the soak failed: {oom_kills} OOM kills, {undelivered} events undelivered, {gaps} missing, {doubled} doubled");
+    }
+    Ok(())
+}
+
+/// Waits until every workload's state and restart count at the hub are what
+/// the device says (`edge-agent ps`); the restarts summed.
+fn same_view(agent: &Agent, hub: &Hub, timeout: Duration) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let local: Value = serde_json::from_str(&agent.ok(&["ps", "--json"]))?;
+        let device = hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or(Value::Null);
+        // `ps` keeps the restart count in the workload's status; the hub's view has it flat.
+        let view = |list: &Value, restarts: fn(&Value) -> &Value| -> Vec<(String, String, u64)> {
+            let mut out: Vec<_> = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|w| {
+                    let name = w["name"].as_str().unwrap_or_default().to_string();
+                    (name, w["state"].as_str().unwrap_or_default().to_string(), restarts(w).as_u64().unwrap_or(0))
+                })
+                .collect();
+            out.sort();
+            out
+        };
+        let ours = view(&local, |w| &w["status"]["restarts"]);
+        let theirs = view(&device["workloads"], |w| &w["restarts"]);
+        if ours == theirs {
+            return Ok(ours.iter().map(|(_, _, r)| r).sum());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the hub's view never matched the device's:\ndevice: {ours:?}\nhub: {theirs:?}\nthe hub's device: {device:#}\n\
+                 hub log:\n{}\nagent log:\n{}",
+                hub.log(),
+                agent.daemon_log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// busybox with a 48 MiB layer of random bytes on top, pushed as big:1; its pinned reference.
+fn big_image(dir: &Path, registry: &testkit::Registry) -> anyhow::Result<String> {
+    let rootfs = dir.join("rootfs");
+    busybox_rootfs(&rootfs)?;
+    let layers = [Layer::Dir(rootfs), testkit::layers::random_file("data", LAYER)?];
+    let digest = build_oci_layout(&dir.join("layout"), "big:1", &layers, &busybox_config())?;
+    registry.push(&dir.join("layout"), "big:1")?;
+    Ok(format!("{}/big:1@{digest}", registry.host()))
+}
+
+fn workload(name: &str, image: &str, script: &str, extra: &str) -> String {
+    format!(
+        "[[deployments.workloads]]\nname = \"{name}\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\n\
+         stop-grace-period = \"100ms\"\n{extra}"
+    )
+}
+
+fn steady(count: usize) -> Vec<String> {
+    let image = testkit::image::busybox_pinned();
+    (0..count).map(|i| workload(&format!("w{i}"), &image, "exec sleep 3600", "")).collect()
+}
+
+/// Ten workloads that keep the agent busy; w9 restarts with each generation.
+fn churn(generation: u64) -> Vec<String> {
+    let image = testkit::image::busybox_pinned();
+    let crash = "sleep 10; exit 1";
+    let restart = "[deployments.workloads.restart]\nbackoff-initial = \"1s\"\nbackoff-max = \"1s\"\nmin-uptime = \"5s\"\n";
+    let probe = "[deployments.workloads.health]\nexec = [\"cat\", \"/tmp/ready\"]\ninterval = \"1s\"\n";
+    let chatty = "while true; do echo \"$(date) a line of log output to rotate\"; usleep 20000; done";
+    let mut out: Vec<String> = (0..4).map(|i| workload(&format!("w{i}"), &image, "exec sleep 3600", "")).collect();
+    out.push(workload("crash-a", &image, crash, restart));
+    out.push(workload("crash-b", &image, crash, restart));
+    out.push(workload("probed-a", &image, "touch /tmp/ready; exec sleep 3600", probe));
+    out.push(workload("probed-b", &image, "touch /tmp/ready; exec sleep 3600", probe));
+    out.push(workload("chatty", &image, chatty, ""));
+    out.push(workload("w9", &image, &format!("echo generation {generation}; exec sleep 3600"), ""));
+    out
+}
+
+fn document(generation: u64, workloads: &[String]) -> String {
+    format!(
+        "version = 1\ngeneration = {generation}\n[[deployments]]\nname = \"soak\"\nrevision = {generation}\n{}",
+        workloads.concat()
+    )
+}
+
+/// Waits until the hub sees the device at `generation` with `count` workloads running.
+fn wait_running(hub: &Hub, generation: u64, count: usize, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let device = hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or(Value::Null);
+        let running = device["workloads"].as_array().map_or(0, |w| w.iter().filter(|w| w["state"] == "running").count());
+        if device["generation"].as_u64() == Some(generation) && running >= count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the device never ran generation {generation} with {count} workloads: {device:#}\n{}", hub.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn wait_generation(hub: &Hub, generation: u64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or(Value::Null)["generation"].as_u64() != Some(generation)
+    {
+        if Instant::now() > deadline {
+            bail!("the device never acknowledged generation {generation}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// Every event number the hub stored for the device, duplicates kept.
+fn hub_event_seqs(hub: &Hub) -> anyhow::Result<Vec<u64>> {
+    let mut seqs = Vec::new();
+    loop {
+        let after = seqs.last().copied().unwrap_or(0);
+        let page = hub.get(&format!("/v1/devices/{DEVICE}/events?after={after}&limit=10000"));
+        let page: Vec<u64> = page.as_array().context("events")?.iter().filter_map(|e| e["seq"].as_u64()).collect();
+        if page.is_empty() {
+            return Ok(seqs);
+        }
+        seqs.extend(page);
+    }
+}
+
+/// VmRSS samples (KiB) every `every` for `length`; stops early if the process is gone.
+fn sample(pid: u32, length: Duration, every: Duration) -> Vec<u64> {
+    let end = Instant::now() + length;
+    let mut samples = Vec::new();
+    while Instant::now() < end {
+        match rss_kib(pid) {
+            0 => break,
+            kib => samples.push(kib),
+        }
+        std::thread::sleep(every);
+    }
+    samples
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+/// The process's start time (clock ticks after boot): the same pid with
+/// another start time is another process.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn median(samples: &[u64]) -> u64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0)
+}
+
+fn max(samples: &[u64]) -> u64 {
+    samples.iter().copied().max().unwrap_or(0)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
