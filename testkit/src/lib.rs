@@ -3,7 +3,6 @@
 //! cannot run here is a failure, never a silent skip.
 
 pub mod agent;
-pub mod chaos;
 pub mod constrained;
 pub mod fleet;
 pub mod http;
