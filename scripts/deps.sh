@@ -3,7 +3,7 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in libseccomp-dev pkg-config busybox-static skopeo docker-registry runc mosquitto gcc iproute2 e2fsprogs; do
+for pkg in libseccomp-dev pkg-config busybox-static skopeo docker-registry runc mosquitto gcc iproute2 e2fsprogs nftables faketime; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then

@@ -3,6 +3,7 @@
 //! cannot run here is a failure, never a silent skip.
 
 pub mod agent;
+pub mod chaos;
 pub mod constrained;
 pub mod fleet;
 pub mod http;
