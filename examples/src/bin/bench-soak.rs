@@ -61,9 +61,10 @@ fn main() -> anyhow::Result<()> {
     let mut agent = Agent::with_binary(binary);
     agent.use_config(&format!(
         "device-id = \"{DEVICE}\"\nhub = \"mqtt://{}\"\nhub-token = \"{TOKEN}\"\nreport-interval = \"200ms\"\n\
-         reconcile-interval = \"500ms\"\nkeep-alive = \"5s\"\nlog-max-size = \"64KiB\"\ninsecure-registries = [\"{}\"]\n",
+         reconcile-interval = \"500ms\"\nkeep-alive = \"5s\"\nlog-max-size = \"64KiB\"\ninsecure-registries = [\"{}\"]\n{}",
         hub.mqtt,
-        registry.host()
+        registry.host(),
+        std::env::var("OUTPOST_SOAK_CONFIG").unwrap_or_default()
     ));
     testkit::import_busybox(&agent);
     agent.daemon_cgroup = Some(cgroup.clone());
@@ -101,6 +102,11 @@ fn main() -> anyhow::Result<()> {
     sampler.join().expect("the sampler does not panic");
     let pulling = peak.load(Ordering::Relaxed);
     println!("pulling a {} MiB layer: peak {:.1} MiB, {:.1} s", LAYER >> 20, mib(pulling), pull_took.as_secs_f64());
+
+    if minutes == 0 {
+        agent.kill_daemon();
+        return Ok(());
+    }
 
     // 3. Soak.
     let mut generation = 3;

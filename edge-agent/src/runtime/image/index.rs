@@ -47,31 +47,8 @@ pub(crate) fn normalize(reference: &str) -> Result<String, ImageError> {
     parse_reference(reference).map(|r| r.whole())
 }
 
-/// Docker's normalization of a reference (`busybox` is
-/// `docker.io/library/busybox:latest`), done by hand: oci-client's parser
-/// compiles a regex that costs about 40 ms and several MiB at each start.
-/// Only for lookups: a reference this gets wrong merely misses, and the full
-/// parser decides.
-pub(crate) fn quick_normalize(reference: &str) -> String {
-    let last_slash = reference.rfind('/').map_or(0, |i| i + 1);
-    let (name, suffix) = if let Some(at) = reference.find('@') {
-        reference.split_at(at)
-    } else if let Some(colon) = reference[last_slash..].rfind(':') {
-        reference.split_at(last_slash + colon)
-    } else {
-        (reference, ":latest")
-    };
-    let first = name.split('/').next().unwrap_or_default();
-    let has_registry = name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
-    match (has_registry, name.contains('/')) {
-        (true, _) => format!("{name}{suffix}"),
-        (false, true) => format!("docker.io/{name}{suffix}"),
-        (false, false) => format!("docker.io/library/{name}{suffix}"),
-    }
-}
-
 pub(crate) fn parse_reference(reference: &str) -> Result<Reference, ImageError> {
-    reference.parse().map_err(|e: oci_client::ParseError| ImageError::InvalidReference {
+    super::reference::parse(reference).map_err(|e| ImageError::InvalidReference {
         reference: reference.to_string(),
         detail: e.to_string(),
     })
@@ -87,22 +64,6 @@ mod tests {
         assert_eq!(normalize("busybox").unwrap(), long);
         assert_eq!(normalize("busybox:latest").unwrap(), long);
         assert_eq!(normalize("127.0.0.1:5000/app:1").unwrap(), "127.0.0.1:5000/app:1");
-    }
-
-    #[test]
-    fn quick_normalization_agrees_with_the_full_parser_on_common_forms() {
-        for reference in [
-            "busybox",
-            "busybox:test",
-            "library/busybox:1",
-            "org/app",
-            "127.0.0.1:5000/app:1",
-            "localhost/app",
-            "registry.example.com/team/app:2.0",
-            "registry.example.com:443/app@sha256:0000000000000000000000000000000000000000000000000000000000000000",
-        ] {
-            assert_eq!(quick_normalize(reference), normalize(reference).unwrap(), "{reference}");
-        }
     }
 
     #[test]

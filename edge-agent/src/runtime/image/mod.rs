@@ -15,6 +15,7 @@ mod import;
 mod index;
 mod oci;
 mod pull;
+mod reference;
 mod store;
 #[cfg(test)]
 mod test_layout;

@@ -46,11 +46,6 @@ impl ImageStore {
         if let Ok(digest) = reference.parse::<Digest>() {
             return self.find_digest(&index, &digest.to_string());
         }
-        // The common forms first, without compiling the reference grammar:
-        // `run` looks up a local image on every start and should stay fast.
-        if let Some(digest) = index.images.get(&index::quick_normalize(reference)) {
-            return self.load_image(&index::quick_normalize(reference), digest).map(Some);
-        }
         let parsed = index::parse_reference(reference)?;
         if let Some(digest) = index.images.get(&parsed.whole()) {
             return self.load_image(&parsed.whole(), digest).map(Some);
