@@ -48,10 +48,8 @@ pub(crate) fn normalize(reference: &str) -> Result<String, ImageError> {
 }
 
 pub(crate) fn parse_reference(reference: &str) -> Result<Reference, ImageError> {
-    super::reference::parse(reference).map_err(|e| ImageError::InvalidReference {
-        reference: reference.to_string(),
-        detail: e.to_string(),
-    })
+    super::reference::parse(reference)
+        .map_err(|e| ImageError::InvalidReference { reference: reference.to_string(), detail: e.to_string() })
 }
 
 #[cfg(test)]

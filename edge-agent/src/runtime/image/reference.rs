@@ -104,7 +104,8 @@ fn check_domain(domain: &str) -> Result<(), ReferenceError> {
 
 /// Lowercase letters and digits, runs of them joined by `.`, `_`, `__` or any number of `-`.
 fn check_component(component: &str) -> Result<(), ReferenceError> {
-    let invalid = ReferenceError::Invalid("a repository path part is lowercase letters and digits joined by . _ __ or -");
+    let invalid =
+        ReferenceError::Invalid("a repository path part is lowercase letters and digits joined by . _ __ or -");
     let bytes = component.as_bytes();
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     if bytes.first().is_none_or(|&b| !alnum(b)) || bytes.last().is_none_or(|&b| !alnum(b)) {
