@@ -155,11 +155,16 @@ fn main() -> anyhow::Result<()> {
     println!("| agent VmRSS, first minute of the soak (median) | {:.1} MiB | |", mib(first));
     println!("| agent VmRSS, last minute of the soak (median) | {:.1} MiB | flat |", mib(last));
     println!("| agent VmRSS, whole soak (max) | {:.1} MiB | |", mib(per_minute.iter().map(|m| max(m)).max().unwrap()));
-    println!("| cgroup peak (agent and shims, page cache included) | {:.1} MiB | 64 MiB limit |", cgroup.peak_bytes() as f64 / (1 << 20) as f64);
+    println!(
+        "| cgroup peak (agent and shims, page cache included) | {:.1} MiB | 64 MiB limit |",
+        cgroup.peak_bytes() as f64 / (1 << 20) as f64
+    );
     println!("| OOM kills in the cgroup | {oom_kills} | 0 |");
     println!("| workload restarts, the device's count = the hub's view | {restarts} | equal |");
     println!("| events stored at the hub | {} | |", unique.len());
-    println!("| events undelivered / missing at the hub / stored twice | {undelivered} / {gaps} / {doubled} | 0 / 0 / 0 |");
+    println!(
+        "| events undelivered / missing at the hub / stored twice | {undelivered} / {gaps} / {doubled} | 0 / 0 / 0 |"
+    );
     agent.kill_daemon();
     if oom_kills > 0 || undelivered > 0 || gaps > 0 || doubled > 0 {
         bail!("the soak failed: {oom_kills} OOM kills, {undelivered} events undelivered, {gaps} missing, {doubled} doubled");
@@ -231,7 +236,8 @@ fn steady(count: usize) -> Vec<String> {
 fn churn(generation: u64) -> Vec<String> {
     let image = testkit::image::busybox_pinned();
     let crash = "sleep 10; exit 1";
-    let restart = "[deployments.workloads.restart]\nbackoff-initial = \"1s\"\nbackoff-max = \"1s\"\nmin-uptime = \"5s\"\n";
+    let restart =
+        "[deployments.workloads.restart]\nbackoff-initial = \"1s\"\nbackoff-max = \"1s\"\nmin-uptime = \"5s\"\n";
     let probe = "[deployments.workloads.health]\nexec = [\"cat\", \"/tmp/ready\"]\ninterval = \"1s\"\n";
     let chatty = "while true; do echo \"$(date) a line of log output to rotate\"; usleep 20000; done";
     let mut out: Vec<String> = (0..4).map(|i| workload(&format!("w{i}"), &image, "exec sleep 3600", "")).collect();
@@ -256,7 +262,8 @@ fn wait_running(hub: &Hub, generation: u64, count: usize, timeout: Duration) -> 
     let deadline = Instant::now() + timeout;
     loop {
         let device = hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or(Value::Null);
-        let running = device["workloads"].as_array().map_or(0, |w| w.iter().filter(|w| w["state"] == "running").count());
+        let running =
+            device["workloads"].as_array().map_or(0, |w| w.iter().filter(|w| w["state"] == "running").count());
         if device["generation"].as_u64() == Some(generation) && running >= count {
             return Ok(());
         }
@@ -269,7 +276,8 @@ fn wait_running(hub: &Hub, generation: u64, count: usize, timeout: Duration) -> 
 
 fn wait_generation(hub: &Hub, generation: u64, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
-    while hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or(Value::Null)["generation"].as_u64() != Some(generation)
+    while hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or(Value::Null)["generation"].as_u64()
+        != Some(generation)
     {
         if Instant::now() > deadline {
             bail!("the device never acknowledged generation {generation}");
