@@ -15,6 +15,7 @@ pub mod mosquitto;
 pub mod netns;
 pub mod proxy;
 pub mod registry;
+pub mod soak;
 pub mod trust;
 pub mod tuf;
 

@@ -16,18 +16,19 @@
 //!
 //! usage (as root): bench-soak [--minutes M] [--agent PATH]
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde_json::Value;
 use testkit::agent::Agent;
 use testkit::constrained::Constrained;
 use testkit::hub::Hub;
 use testkit::image::{build_oci_layout, busybox_config, busybox_rootfs, Layer};
+use testkit::soak::{
+    churn, delivery, document, process_start, rss_kib, same_view, steady, wait_generation, wait_running, workload,
+};
 
 const DEVICE: &str = "soak-1";
 const TOKEN: &str = "soak-token";
@@ -75,7 +76,7 @@ fn main() -> anyhow::Result<()> {
 
     // 1. Idle.
     hub.set_desired(DEVICE, &document(1, &steady(10)));
-    wait_running(&hub, 1, 10, Duration::from_secs(120))?;
+    wait_running(&hub, DEVICE, 1, 10, Duration::from_secs(120))?;
     std::thread::sleep(Duration::from_secs(10));
     let idle = sample(pid, Duration::from_secs(20), Duration::from_millis(200));
     println!("idle: median {:.1} MiB, max {:.1} MiB", mib(median(&idle)), mib(max(&idle)));
@@ -96,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     let mut with_big = steady(10);
     with_big.push(workload("big", &big, "exec sleep 3600", ""));
     hub.set_desired(DEVICE, &document(2, &with_big));
-    wait_running(&hub, 2, 11, Duration::from_secs(300))?;
+    wait_running(&hub, DEVICE, 2, 11, Duration::from_secs(300))?;
     let pull_took = pull_started.elapsed();
     stop.store(true, Ordering::Relaxed);
     sampler.join().expect("the sampler does not panic");
@@ -111,7 +112,7 @@ fn main() -> anyhow::Result<()> {
     // 3. Soak.
     let mut generation = 3;
     hub.set_desired(DEVICE, &document(generation, &churn(generation)));
-    wait_running(&hub, generation, 10, Duration::from_secs(120))?;
+    wait_running(&hub, DEVICE, generation, 10, Duration::from_secs(120))?;
     let soak_started = Instant::now();
     let mut per_minute: Vec<Vec<u64>> = Vec::new();
     while soak_started.elapsed() < Duration::from_secs(minutes * 60) {
@@ -131,18 +132,12 @@ fn main() -> anyhow::Result<()> {
         generation += 1;
         hub.set_desired(DEVICE, &document(generation, &churn(generation)));
     }
-    wait_generation(&hub, generation, Duration::from_secs(60))?;
+    wait_generation(&hub, DEVICE, generation, Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_secs(3));
 
     let oom_kills = cgroup.oom_kills();
-    // The device drops the events the hub acknowledged: none may be left,
-    // and the hub's numbers must run from 1 without a gap or a double.
-    let undelivered = agent.events().len();
-    let at_hub = hub_event_seqs(&hub)?;
-    let unique: BTreeSet<u64> = at_hub.iter().copied().collect();
-    let gaps = (1..=unique.last().copied().unwrap_or(0)).filter(|s| !unique.contains(s)).count();
-    let doubled = at_hub.len() - unique.len();
-    let restarts = same_view(&agent, &hub, Duration::from_secs(30))?;
+    let delivered = delivery(&agent, &hub, DEVICE)?;
+    let restarts = same_view(&agent, &hub, DEVICE, Duration::from_secs(30))?;
 
     let first = median(&per_minute[0]);
     let last = median(per_minute.last().unwrap());
@@ -161,53 +156,16 @@ fn main() -> anyhow::Result<()> {
     );
     println!("| OOM kills in the cgroup | {oom_kills} | 0 |");
     println!("| workload restarts, the device's count = the hub's view | {restarts} | equal |");
-    println!("| events stored at the hub | {} | |", unique.len());
+    println!("| events stored at the hub | {} | |", delivered.stored);
     println!(
-        "| events undelivered / missing at the hub / stored twice | {undelivered} / {gaps} / {doubled} | 0 / 0 / 0 |"
+        "| events undelivered / missing at the hub / stored twice | {} / {} / {} | 0 / 0 / 0 |",
+        delivered.undelivered, delivered.gaps, delivered.doubled
     );
     agent.kill_daemon();
-    if oom_kills > 0 || undelivered > 0 || gaps > 0 || doubled > 0 {
-        bail!("the soak failed: {oom_kills} OOM kills, {undelivered} events undelivered, {gaps} missing, {doubled} doubled");
+    if oom_kills > 0 || !delivered.complete() {
+        bail!("the soak failed: {oom_kills} OOM kills, {delivered:?}");
     }
     Ok(())
-}
-
-/// Waits until every workload's state and restart count at the hub are what
-/// the device says (`edge-agent ps`); the restarts summed.
-fn same_view(agent: &Agent, hub: &Hub, timeout: Duration) -> anyhow::Result<u64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let local: Value = serde_json::from_str(&agent.ok(&["ps", "--json"]))?;
-        let device = hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or(Value::Null);
-        // `ps` keeps the restart count in the workload's status; the hub's view has it flat.
-        let view = |list: &Value, restarts: fn(&Value) -> &Value| -> Vec<(String, String, u64)> {
-            let mut out: Vec<_> = list
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|w| {
-                    let name = w["name"].as_str().unwrap_or_default().to_string();
-                    (name, w["state"].as_str().unwrap_or_default().to_string(), restarts(w).as_u64().unwrap_or(0))
-                })
-                .collect();
-            out.sort();
-            out
-        };
-        let ours = view(&local, |w| &w["status"]["restarts"]);
-        let theirs = view(&device["workloads"], |w| &w["restarts"]);
-        if ours == theirs {
-            return Ok(ours.iter().map(|(_, _, r)| r).sum());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the hub's view never matched the device's:\ndevice: {ours:?}\nhub: {theirs:?}\nthe hub's device: {device:#}\n\
-                 hub log:\n{}\nagent log:\n{}",
-                hub.log(),
-                agent.daemon_log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// busybox with a 48 MiB layer of random bytes on top, pushed as big:1; its pinned reference.
@@ -218,87 +176,6 @@ fn big_image(dir: &Path, registry: &testkit::Registry) -> anyhow::Result<String>
     let digest = build_oci_layout(&dir.join("layout"), "big:1", &layers, &busybox_config())?;
     registry.push(&dir.join("layout"), "big:1")?;
     Ok(format!("{}/big:1@{digest}", registry.host()))
-}
-
-fn workload(name: &str, image: &str, script: &str, extra: &str) -> String {
-    format!(
-        "[[deployments.workloads]]\nname = \"{name}\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\n\
-         stop-grace-period = \"100ms\"\n{extra}"
-    )
-}
-
-fn steady(count: usize) -> Vec<String> {
-    let image = testkit::image::busybox_pinned();
-    (0..count).map(|i| workload(&format!("w{i}"), &image, "exec sleep 3600", "")).collect()
-}
-
-/// Ten workloads that keep the agent busy; w9 restarts with each generation.
-fn churn(generation: u64) -> Vec<String> {
-    let image = testkit::image::busybox_pinned();
-    let crash = "sleep 10; exit 1";
-    let restart =
-        "[deployments.workloads.restart]\nbackoff-initial = \"1s\"\nbackoff-max = \"1s\"\nmin-uptime = \"5s\"\n";
-    let probe = "[deployments.workloads.health]\nexec = [\"cat\", \"/tmp/ready\"]\ninterval = \"1s\"\n";
-    let chatty = "while true; do echo \"$(date) a line of log output to rotate\"; usleep 20000; done";
-    let mut out: Vec<String> = (0..4).map(|i| workload(&format!("w{i}"), &image, "exec sleep 3600", "")).collect();
-    out.push(workload("crash-a", &image, crash, restart));
-    out.push(workload("crash-b", &image, crash, restart));
-    out.push(workload("probed-a", &image, "touch /tmp/ready; exec sleep 3600", probe));
-    out.push(workload("probed-b", &image, "touch /tmp/ready; exec sleep 3600", probe));
-    out.push(workload("chatty", &image, chatty, ""));
-    out.push(workload("w9", &image, &format!("echo generation {generation}; exec sleep 3600"), ""));
-    out
-}
-
-fn document(generation: u64, workloads: &[String]) -> String {
-    format!(
-        "version = 1\ngeneration = {generation}\n[[deployments]]\nname = \"soak\"\nrevision = {generation}\n{}",
-        workloads.concat()
-    )
-}
-
-/// Waits until the hub sees the device at `generation` with `count` workloads running.
-fn wait_running(hub: &Hub, generation: u64, count: usize, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let device = hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or(Value::Null);
-        let running =
-            device["workloads"].as_array().map_or(0, |w| w.iter().filter(|w| w["state"] == "running").count());
-        if device["generation"].as_u64() == Some(generation) && running >= count {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the device never ran generation {generation} with {count} workloads: {device:#}\n{}", hub.log());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn wait_generation(hub: &Hub, generation: u64, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while hub.try_get(&format!("/v1/devices/{DEVICE}")).unwrap_or(Value::Null)["generation"].as_u64()
-        != Some(generation)
-    {
-        if Instant::now() > deadline {
-            bail!("the device never acknowledged generation {generation}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
-}
-
-/// Every event number the hub stored for the device, duplicates kept.
-fn hub_event_seqs(hub: &Hub) -> anyhow::Result<Vec<u64>> {
-    let mut seqs = Vec::new();
-    loop {
-        let after = seqs.last().copied().unwrap_or(0);
-        let page = hub.get(&format!("/v1/devices/{DEVICE}/events?after={after}&limit=10000"));
-        let page: Vec<u64> = page.as_array().context("events")?.iter().filter_map(|e| e["seq"].as_u64()).collect();
-        if page.is_empty() {
-            return Ok(seqs);
-        }
-        seqs.extend(page);
-    }
 }
 
 /// VmRSS samples (KiB) every `every` for `length`; stops early if the process is gone.
@@ -313,22 +190,6 @@ fn sample(pid: u32, length: Duration, every: Duration) -> Vec<u64> {
         std::thread::sleep(every);
     }
     samples
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or(0)
-}
-
-/// The process's start time (clock ticks after boot): the same pid with
-/// another start time is another process.
-fn process_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
 }
 
 fn median(samples: &[u64]) -> u64 {
