@@ -19,5 +19,41 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+
+# Cross builds for arm (scripts/release.sh, scripts/cross-cargo.sh,
+# hw-tests/tests/arm.rs): Debian's rustc-web/cargo-web, whose std comes
+# packaged for each Debian arch given (arm64, armhf), that arch's gcc and
+# libseccomp (the agent links it), and qemu-user to run what was built.
+# Only release.sh calls it; the test suite does not need it (arm.rs is ignored).
+cross_deps() {
+    local arch gnu pkg need=() add_arch=() foreign
+    # Read once: `dpkg ... | grep -q` could fail on SIGPIPE under pipefail.
+    foreign=$(dpkg --print-foreign-architectures)
+    for arch in "$@"; do
+        case "$arch" in
+            arm64) gnu=aarch64-linux-gnu ;;
+            armhf) gnu=arm-linux-gnueabihf ;;
+            *) echo "cross_deps: no cross set-up for the Debian arch $arch (arm64, armhf)" >&2; return 1 ;;
+        esac
+        grep -qx "$arch" <<<"$foreign" || add_arch+=("$arch")
+        need+=("libstd-rust-web-dev:$arch" "gcc-$gnu" "libseccomp-dev:$arch")
+    done
+    local missing=()
+    for pkg in rustc-web cargo-web qemu-user-static "${need[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && [ ${#add_arch[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing packages: ${missing[*]} (dpkg --add-architecture ${add_arch[*]:-}); run this script as root, or install them with apt-get" >&2
+        return 1
+    fi
+    for arch in "${add_arch[@]}"; do
+        dpkg --add-architecture "$arch"
+    done
+    [ ${#missing[@]} -gt 0 ] || return 0
+    echo "==> installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
 [ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
 true
