@@ -219,7 +219,7 @@ impl Link {
                         return error!("the link to the parent hub stops: {e}");
                     }
                 }
-                Some(Some(Incoming::Message(publish))) => self.on_message(&publish),
+                Some(Some(Incoming::Message(publish))) => self.on_message(&publish).await,
                 Some(Some(Incoming::Lost)) => connected = false,
                 Some(None) => return,
                 None => {}
@@ -275,7 +275,7 @@ impl Link {
         Ok(())
     }
 
-    fn on_message(&mut self, publish: &Publish) {
+    async fn on_message(&mut self, publish: &Publish) {
         let Some((site, channel)) = self.settings.topics.parse(&publish.topic) else { return };
         if site != self.settings.site {
             return;
@@ -293,7 +293,7 @@ impl Link {
                 Err(e) => warn!("dropped an ack from the parent that does not decode: {e}"),
             },
             SiteChannel::Desired(device) => match decode::<DesiredMessage>(&publish.payload) {
-                Ok(message) => self.store_desired(&device, message),
+                Ok(message) => self.store_desired(&device, message).await,
                 Err(e) => warn!(device, "dropped a desired state from the parent that does not decode: {e}"),
             },
             SiteChannel::Command(device) => match decode::<CommandMessage>(&publish.payload) {
@@ -311,8 +311,11 @@ impl Link {
 
     /// The parent's generations only grow: an older one (a retained
     /// message delivered again) changes nothing. The site composes it with
-    /// its own deployments (site.rs).
-    fn store_desired(&self, device: &str, message: DesiredMessage) {
+    /// its own deployments (site.rs), and flushes before the device gets
+    /// it: a site that lost, in a crash, a generation its device holds would
+    /// give that number to another state, and send the device's reports of
+    /// it up as the generation before.
+    async fn store_desired(&self, device: &str, message: DesiredMessage) {
         if !crate::registry::valid_device_id(device) {
             return warn!(device, "dropped a desired state for a device whose id is not valid");
         }
@@ -326,7 +329,11 @@ impl Link {
         let generation = message.state.generation;
         info!(device, generation, "a desired state from the parent");
         match crate::site::set_source(&self.store, device, true, generation, message.state.deployments, now_ms()) {
-            Ok(Some(_)) => self.publisher.desired_changed(device),
+            Ok(Some(_)) => match self.store.flush().await {
+                Ok(()) => self.publisher.desired_changed(device),
+                // Not passed on unless on disk: after a restart, the parent's retained message brings it again.
+                Err(e) => error!(device, "cannot flush the desired state from the parent: {e}"),
+            },
             Ok(None) => {}
             Err(e) => error!(device, "cannot store the desired state from the parent: {e}"),
         }

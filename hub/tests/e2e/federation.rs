@@ -136,6 +136,47 @@ async fn a_site_hub_restarted_during_the_cut_loses_nothing_it_queued() {
     cloud.stop().await;
 }
 
+/// Copies a hub's data dir as it is on disk now, while the hub runs: what a
+/// SIGKILL of the hub at this instant would leave (sled keeps what it has
+/// not flushed in the process's memory, which the copy does not see).
+fn copy_as_on_disk(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_as_on_disk(&entry.path(), &target);
+        } else {
+            // A file sled removes meanwhile is one it no longer needs.
+            let _ = std::fs::copy(entry.path(), target);
+        }
+    }
+}
+
+/// Found by the chaos hw-test: a site hub killed just after it passed a
+/// desired state on came back without it, served the device an older
+/// generation, and sent the device's reports of the newer one up as the
+/// older one, so that the cloud never saw the device take its revision.
+#[tokio::test]
+async fn a_desired_state_from_the_parent_is_on_the_sites_disk_before_its_device_gets_it() {
+    let Topology { cloud, wan: _wan, site, _dirs } = Topology::start().await;
+    let mut pump = DeviceSimulator::connect(site.mqtt, "pump-3", token("pump-3")).await;
+    pump.report(&report(1, true, 0, &[], &[])).await;
+    cloud.wait_for_device("pump-3", "known through the site", |d| d["site"] == SITE).await;
+    for generation in 1..=5 {
+        cloud.set_generation("pump-3", generation).await;
+        pump.desired(generation).await;
+        let crashed = tempfile::tempdir().unwrap();
+        copy_as_on_disk(_dirs[1].path(), crashed.path());
+        // The copy on its own, not linked to the cloud: only what it has on disk.
+        let copy = TestHub::start(config(crashed.path())).await;
+        let (status, stored) = copy.get("/v1/devices/pump-3/desired").await;
+        assert_eq!((status, stored["generation"].as_u64()), (200, Some(generation)), "{stored}");
+        copy.stop().await;
+    }
+    site.stop().await;
+    cloud.stop().await;
+}
+
 #[tokio::test]
 async fn a_site_hub_cannot_speak_for_another_sites_topics_or_a_device_directly() {
     let dir = tempfile::tempdir().unwrap();
