@@ -22,7 +22,7 @@ use crate::reconcile::Reconciler;
 use crate::rollback::{judge, Verdict, Watch};
 use crate::runtime::image::PullOptions;
 use crate::runtime::Supervisor;
-use crate::store::{Rollback, Store};
+use crate::store::{Rollback, Store, StoreError};
 use crate::sync::{self, SyncSettings};
 use crate::trust;
 use crate::update::fetch::Updater;
@@ -156,10 +156,23 @@ impl Core {
     }
 }
 
+/// Why `apply` did not store a desired state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// The document is refused (invalid, not signed by the trusted root, an
+    /// older or conflicting generation): it never will be stored.
+    #[error("{0}")]
+    Refused(String),
+    /// The store could not take it (a full disk, an I/O error): the same
+    /// document may be stored once the store can take it.
+    #[error("{0}")]
+    NotStored(String),
+}
+
 /// Verifies a desired state's signatures against the trusted root at
 /// `trust_root` (see `trust`), stores it and records the event; the caller
 /// reconciles. A refused state is not stored: the last good one keeps running.
-pub fn apply(store: &Store, trust_root: &Path, state: &DesiredState) -> Result<bool, String> {
+pub fn apply(store: &Store, trust_root: &Path, state: &DesiredState) -> Result<bool, ApplyError> {
     let generation = state.generation;
     if let Err(e) = state.validate() {
         return refuse(store, EventKind::Rejected { reason: e.to_string() });
@@ -172,19 +185,33 @@ pub fn apply(store: &Store, trust_root: &Path, state: &DesiredState) -> Result<b
         );
         return refuse(store, EventKind::Refused { generation, reason });
     }
-    let result = store.set_desired(state).map_err(|e| e.to_string());
-    let event = match &result {
-        Ok(true) => EventKind::Applied { generation },
-        Ok(false) => return result,
-        Err(reason) => EventKind::Rejected { reason: reason.clone() },
-    };
-    if let Err(e) = store.push_event(event) {
-        tracing::error!("cannot record an event: {e}");
+    match store.set_desired(state) {
+        // The store has it (it is what the agent runs and reports); only its
+        // JSON copy, which restores a corrupt store, is behind until the next one.
+        Err(StoreError::WriteSnapshot { path, source }) => {
+            tracing::error!(generation, "stored, but its snapshot {} is not written: {source}", path.display());
+            if let Err(e) = store.push_event(EventKind::Applied { generation }) {
+                tracing::error!("cannot record an event: {e}");
+            }
+            Ok(true)
+        }
+        Ok(true) => {
+            if let Err(e) = store.push_event(EventKind::Applied { generation }) {
+                tracing::error!("cannot record an event: {e}");
+            }
+            Ok(true)
+        }
+        Ok(false) => Ok(false),
+        Err(e @ (StoreError::StaleGeneration { .. } | StoreError::ConflictingGeneration { .. })) => {
+            refuse(store, EventKind::Rejected { reason: e.to_string() })
+        }
+        // Not a verdict on the document: no event (the store that failed
+        // would have to keep it), and the caller may offer it again.
+        Err(e) => Err(ApplyError::NotStored(e.to_string())),
     }
-    result
 }
 
-fn refuse(store: &Store, event: EventKind) -> Result<bool, String> {
+fn refuse(store: &Store, event: EventKind) -> Result<bool, ApplyError> {
     let reason = match &event {
         EventKind::Rejected { reason } | EventKind::Refused { reason, .. } => reason.clone(),
         _ => String::new(),
@@ -192,7 +219,7 @@ fn refuse(store: &Store, event: EventKind) -> Result<bool, String> {
     if let Err(e) = store.push_event(event) {
         tracing::error!("cannot record an event: {e}");
     }
-    Err(reason)
+    Err(ApplyError::Refused(reason))
 }
 
 /// Runs the agent until `shutdown` completes, linked to a hub when `hub` is
@@ -279,7 +306,7 @@ async fn serve(
                         kick.notify_one();
                         Response::Applied { generation, changed }
                     }
-                    Ok(Err(e)) => Response::Error(e),
+                    Ok(Err(e)) => Response::Error(e.to_string()),
                     Err(e) => Response::Error(format!("the agent failed while storing: {e}")),
                 }
             }

@@ -28,10 +28,11 @@ use outpost_proto::sync::{
     decode, encode, Ack, Channel, Command, CommandMessage, DesiredMessage, Encoding, EventBatch, LogsMessage, Presence,
     Report, Topics, WorkloadReport, MAX_LOG_BYTES, MAX_LOG_LINES, PROTOCOL_VERSION,
 };
+use outpost_proto::DesiredState;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::Notify;
 
-use crate::daemon;
+use crate::daemon::{self, ApplyError};
 use crate::runtime::logs::read_lines;
 use crate::runtime::{RuntimeError, Supervisor};
 use crate::store::Store;
@@ -125,6 +126,7 @@ pub async fn run(
         last_view: None,
         trust_root,
         refused: None,
+        unstored: None,
     };
     let mut backoff = Duration::from_secs(1);
     let mut tick = tokio::time::interval(settings.report_interval);
@@ -148,6 +150,9 @@ pub async fn run(
                 }
             },
             _ = tick.tick() => {
+                if let Some(state) = link.unstored.clone() {
+                    link.store_desired(state).await;
+                }
                 link.report().await;
                 link.resend_if_unacknowledged().await;
             }
@@ -219,6 +224,8 @@ struct Link<'a> {
     /// The generation last refused: the broker delivers the retained desired
     /// state again at each new session, and one refusal is reported once.
     refused: Option<u64>,
+    /// A desired state the store could not take, offered again at each tick.
+    unstored: Option<DesiredState>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -276,6 +283,40 @@ impl Link<'_> {
         }
     }
 
+    /// Stores a desired state from the hub. One the store could not take (a
+    /// full disk) is offered again at each tick until it is stored, or a
+    /// newer one comes: the hub sends it only once per connection.
+    async fn store_desired(&mut self, state: DesiredState) {
+        let (store, trust_root) = (self.store.clone(), self.trust_root.clone());
+        let generation = state.generation;
+        let retry = self.unstored.as_ref().is_some_and(|s| s.generation == generation);
+        self.unstored = None;
+        let offered = state.clone();
+        let applied = blocking(move || Ok::<_, String>(daemon::apply(&store, &trust_root, &offered))).await;
+        match applied {
+            Some(Ok(true)) => {
+                tracing::info!(generation, "desired state from the hub stored");
+                self.kick.notify_one();
+            }
+            Some(Ok(false)) => {}
+            Some(Err(ApplyError::NotStored(e))) => {
+                if !retry {
+                    tracing::error!(
+                        generation,
+                        "desired state from the hub not stored: {e}; the stored state keeps running, and this one \
+                         is stored as soon as the store can take it"
+                    );
+                }
+                self.unstored = Some(state);
+            }
+            Some(Err(ApplyError::Refused(e))) => {
+                tracing::warn!(generation, "desired state from the hub refused: {e}");
+                self.refused = Some(generation);
+            }
+            None => {}
+        }
+    }
+
     async fn on_publish(&mut self, topic: &str, payload: &[u8]) {
         let Some((_, channel)) = self.settings.topics.parse(topic) else { return };
         match channel {
@@ -283,22 +324,7 @@ impl Link<'_> {
                 Ok(message) if self.refused == Some(message.state.generation) => {
                     tracing::debug!(generation = message.state.generation, "the refused desired state again: ignored");
                 }
-                Ok(message) => {
-                    let (store, trust_root) = (self.store.clone(), self.trust_root.clone());
-                    let generation = message.state.generation;
-                    match blocking(move || Ok::<_, String>(daemon::apply(&store, &trust_root, &message.state))).await {
-                        Some(Ok(true)) => {
-                            tracing::info!(generation, "desired state from the hub stored");
-                            self.kick.notify_one();
-                        }
-                        Some(Ok(false)) => {}
-                        Some(Err(e)) => {
-                            tracing::warn!(generation, "desired state from the hub refused: {e}");
-                            self.refused = Some(generation);
-                        }
-                        None => {}
-                    }
-                }
+                Ok(message) => self.store_desired(message.state).await,
                 Err(e) => tracing::warn!("dropped a desired state that does not decode: {e}"),
             },
             Channel::Ack => match decode::<Ack>(payload) {
