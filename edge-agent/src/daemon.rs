@@ -44,11 +44,23 @@ pub struct Core {
     started: BTreeMap<String, u64>,
     /// Agent self-update from the hub, when hub-http is configured.
     updater: Option<Arc<Updater>>,
+    /// The store could not be read: sled keeps failing every call after an
+    /// I/O error (a full disk), also once the disk has room again.
+    store_failed: bool,
 }
 
 impl Core {
     pub fn new(store: Arc<Store>, supervisor: Supervisor, pulls: PullOptions, trust_root: PathBuf) -> Self {
-        Self { store, supervisor, pulls, trust_root, watches: Vec::new(), started: BTreeMap::new(), updater: None }
+        Self {
+            store,
+            supervisor,
+            pulls,
+            trust_root,
+            watches: Vec::new(),
+            started: BTreeMap::new(),
+            updater: None,
+            store_failed: false,
+        }
     }
 
     pub fn with_updater(self, updater: Arc<Updater>) -> Self {
@@ -63,6 +75,7 @@ impl Core {
             Ok(None) => return false,
             Err(e) => {
                 tracing::error!("cannot read the desired state: {e}");
+                self.store_failed = true;
                 return false;
             }
         };
@@ -237,7 +250,7 @@ pub async fn run(
     let trust_root = Arc::new(core.trust_root.clone());
     let core = Arc::new(Mutex::new(core));
     let kick = Arc::new(Notify::new());
-    let reconciler = tokio::spawn(reconcile_loop(core, kick.clone(), interval));
+    let mut reconciler = tokio::spawn(reconcile_loop(core, kick.clone(), interval));
     let updates = tokio::spawn(crate::update::deployment::run(store.clone(), updater.clone(), interval));
     let link = hub.map(|settings| {
         let (store, kick, trust_root) = (store.clone(), kick.clone(), trust_root.clone());
@@ -251,6 +264,13 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = &mut reconciler => {
+                // Only a store opened again works again: stop, and the service
+                // manager (Restart=always) starts the agent anew; the
+                // workloads keep running under their shims meanwhile.
+                tracing::error!("the store fails: the agent stops, to start again with the store opened afresh");
+                break;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     tokio::spawn(serve(stream, store.clone(), kick.clone(), trust_root.clone(), updater.clone()));
@@ -266,12 +286,18 @@ pub async fn run(
     }
 }
 
+/// Returns when the store failed.
 async fn reconcile_loop(core: Arc<Mutex<Core>>, kick: Arc<Notify>, interval: Duration) {
     loop {
         let core = core.clone();
-        let again = tokio::task::spawn_blocking(move || core.lock().map(|mut c| c.pass()).unwrap_or(false))
-            .await
-            .unwrap_or(false);
+        let (again, failed) = tokio::task::spawn_blocking(move || {
+            core.lock().map(|mut c| (c.pass(), c.store_failed)).unwrap_or((false, false))
+        })
+        .await
+        .unwrap_or((false, false));
+        if failed {
+            return;
+        }
         if again {
             continue;
         }
