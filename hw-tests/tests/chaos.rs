@@ -20,6 +20,9 @@
 //! OUTPOST_CHAOS_SECONDS=1800 cargo test -p hw-tests --test chaos -- --nocapture
 //! ```
 //!
+//! `OUTPOST_CHAOS_LOGS=1` prints the hubs' and agents' logs after a pass
+//! too (a failure always prints them).
+//!
 //! Needs root, iproute2 (with sch_tbf), nftables, faketime, e2fsprogs and
 //! loop devices: testkit::chaos::require_tools says what is missing.
 
@@ -43,6 +46,8 @@ const DEVICES: [&str; 3] = ["pi-1", "pi-2", "pi-3"];
 const DISK_MIB: u64 = 96;
 /// Revisions the cloud applies during the faults (the first before them).
 const REVISIONS: u64 = 4;
+/// The revision that always finds pi-1's disk full.
+const DISK_FULL_REVISION: u64 = 3;
 const CONVERGE: Duration = Duration::from_secs(180);
 
 fn millis_since(start: Instant) -> String {
@@ -58,6 +63,8 @@ struct Device {
     _ns: Netns,
     /// Its link to its hub.
     link: Link,
+    /// Where pi-1's agent log is (off its small disk).
+    _log: tempfile::NamedTempFile,
 }
 
 struct World {
@@ -156,6 +163,12 @@ impl World {
                     .tempdir_in(disk.path())
                     .expect("data dir on the loop fs");
             }
+            // Its log on another filesystem, as journald's is on a device:
+            // what the agent says while its disk is full must be seen.
+            let log = tempfile::Builder::new().prefix("outpost-chaos-log-").tempfile().expect("a log file");
+            if disk.is_some() {
+                std::os::unix::fs::symlink(log.path(), agent.data.path().join("daemon.log")).unwrap();
+            }
             agent.use_config(&format!(
                 "device-id = \"{id}\"\nhub = \"{hub}\"\nhub-token = \"{id}-token\"\n\
                  report-interval = \"200ms\"\nkeep-alive = \"5s\"\nreconcile-interval = \"1s\"\n"
@@ -163,7 +176,7 @@ impl World {
             agent.netns = Some(ns.name.clone());
             testkit::import_busybox(&agent);
             agent.start_daemon();
-            devices.push(Device { id, agent, disk, clock, _ns: ns, link });
+            devices.push(Device { id, agent, disk, clock, _ns: ns, link, _log: log });
         }
         let dir = tempfile::tempdir().unwrap();
         World { devices, cloud, site, wan, _mgmt: mgmt, _site_ns: site_ns, dir }
@@ -173,6 +186,23 @@ impl World {
         let mut out = format!("=== cloud hub log\n{}\n=== site hub log\n{}\n", self.cloud.log(), self.site.log());
         for d in &self.devices {
             out += &format!("=== {} agent log\n{}\n", d.id, d.agent.daemon_log());
+        }
+        // What each side holds now.
+        out += &format!("=== the cloud's devices\n{:?}\n", self.cloud.try_get("/v1/devices"));
+        out += &format!("=== the site's devices\n{:?}\n", self.site.try_get("/v1/devices"));
+        out += &format!("=== the cloud's sites\n{:?}\n", self.cloud.try_get("/v1/sites"));
+        for d in &self.devices {
+            let text = |args: &[&str]| {
+                let o = d.agent.exec(args);
+                format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+            };
+            out += &format!(
+                "=== {} ps\n{}\n=== {} events not acknowledged\n{}\n",
+                d.id,
+                text(&["ps", "--json"]),
+                d.id,
+                text(&["events", "--json"])
+            );
         }
         out
     }
@@ -291,8 +321,25 @@ fn chaos(world: &World, rng: &mut Rng, length: Duration, start: Instant) {
         if let Some(&(at, n)) = due.first() {
             if begin.elapsed() >= at {
                 due.remove(0);
+                // Whatever the schedule, one revision arrives at a device
+                // whose disk is full, while its agent runs.
+                if n == DISK_FULL_REVISION {
+                    active.retain(|(f, _)| *f != Fault::AgentDown(0) || end(world, *f));
+                    if !active.iter().any(|(f, _)| *f == Fault::DiskFull) {
+                        say("begin DiskFull for 15.0s, over the next revision".into());
+                        begin_fault(world, Fault::DiskFull);
+                        active.push((Fault::DiskFull, Instant::now() + Duration::from_secs(15)));
+                    }
+                }
                 say(format!("apply revision {n}"));
                 world.apply(n).unwrap_or_else(|e| panic!("hub apply of revision {n} at the cloud: {e}"));
+            }
+        }
+        // An agent that stopped by itself is started again 2 s later, as systemd would.
+        for d in 0..world.devices.len() {
+            if !active.iter().any(|(f, _)| *f == Fault::AgentDown(d)) && exited(&world.devices[d]) {
+                say(format!("{}'s agent stopped by itself; starting it again in 2s", world.devices[d].id));
+                active.push((Fault::AgentDown(d), Instant::now() + Duration::from_secs(2)));
             }
         }
         let busy = |f: Fault| active.iter().any(|(a, _)| *a == f);
@@ -402,6 +449,11 @@ fn start_agent(device: &Device) -> bool {
     started
 }
 
+/// Whether the device's agent exited on its own (reaped if so).
+fn exited(device: &Device) -> bool {
+    device.agent.wait_daemon_exit(Duration::ZERO).is_some()
+}
+
 /// What a device runs of `svc`, by its own `ps`: (revision, state) of each instance.
 fn device_view(agent: &Agent) -> Vec<(Option<u64>, String)> {
     let list: Value = serde_json::from_str(&agent.ok(&["ps", "--json"])).expect("ps --json");
@@ -428,6 +480,12 @@ fn cloud_view(cloud: &Hub, id: &str) -> Vec<(Option<u64>, String)> {
 fn converged(world: &World) -> Option<String> {
     let wanted = vec![(Some(REVISIONS), "running".to_string())];
     for d in &world.devices {
+        if exited(d) {
+            println!("chaos         {}'s agent stopped by itself; starting it again", d.id);
+            if !start_agent(d) {
+                return Some(format!("{}'s agent does not start", d.id));
+            }
+        }
         let on_device = device_view(&d.agent);
         let at_cloud = cloud_view(&world.cloud, d.id);
         if on_device != wanted || at_cloud != wanted {
@@ -528,6 +586,9 @@ fn a_fleet_under_random_faults_converges_on_the_final_revision_with_every_report
             length.as_secs()
         );
         std::panic::resume_unwind(panic);
+    }
+    if std::env::var_os("OUTPOST_CHAOS_LOGS").is_some() {
+        println!("{}", world.logs());
     }
     println!("chaos seed {seed}: passed in {:.0}s", start.elapsed().as_secs_f64());
 }

@@ -265,20 +265,24 @@ impl FakeClock {
     }
 }
 
-/// A file that takes the free space of the filesystem at `dir`.
+/// Files that take every free block of the filesystem at `dir`.
 pub struct DiskFiller {
-    path: PathBuf,
+    dir: PathBuf,
 }
 
 impl DiskFiller {
     pub fn new(dir: &Path) -> Self {
-        Self { path: dir.join("chaos-fill") }
+        Self { dir: dir.join("chaos-fill") }
     }
 
     /// Writes until the filesystem says ENOSPC; returns the bytes taken.
+    /// One large file first, then small ones until not even a byte fits:
+    /// ext4 still takes small delayed-allocation writes after a large one
+    /// fails, and a disk full for the test must be full for the agent.
     pub fn fill(&self) -> u64 {
         use std::io::Write;
-        let mut file = std::fs::File::create(&self.path).expect("the fill file");
+        std::fs::create_dir_all(&self.dir).expect("the fill directory");
+        let mut file = std::fs::File::create(self.dir.join("large")).expect("the fill file");
         let mut taken = 0u64;
         for chunk in [1 << 20, 4096] {
             let block = vec![0u8; chunk];
@@ -287,11 +291,23 @@ impl DiskFiller {
             }
         }
         let _ = file.sync_all();
+        let mut n = 0;
+        for size in [4096, 1] {
+            loop {
+                let block = vec![0u8; size];
+                let path = self.dir.join(format!("small-{n}"));
+                match std::fs::write(&path, &block) {
+                    Ok(()) => taken += size as u64,
+                    Err(_) => break,
+                }
+                n += 1;
+            }
+        }
         taken
     }
 
     pub fn free(&self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
