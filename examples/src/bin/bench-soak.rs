@@ -14,7 +14,10 @@
 //! process, and every event the device recorded stored at the hub exactly
 //! once. The figures go to docs/benchmarks.md.
 //!
-//! usage (as root): bench-soak [--minutes M] [--agent PATH]
+//! usage (as root): bench-soak [--minutes M] [--agent PATH] [--quiet]
+//!
+//! --quiet: the soak's workloads only sleep, and no new generation comes:
+//! what the agent costs when nothing happens, to tell a leak by cause.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,14 +42,16 @@ const LAYER: usize = 48 << 20;
 fn main() -> anyhow::Result<()> {
     testkit::agent::require_root();
     let mut minutes = 10u64;
+    let mut quiet = false;
     let mut binary = PathBuf::from("target/release/edge-agent");
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--minutes" => minutes = value()?.parse()?,
+            "--quiet" => quiet = true,
             "--agent" => binary = value()?.into(),
-            other => bail!("unknown flag {other}; usage: bench-soak [--minutes M] [--agent PATH]"),
+            other => bail!("unknown flag {other}; usage: bench-soak [--minutes M] [--agent PATH] [--quiet]"),
         }
     }
     if !binary.exists() {
@@ -111,7 +116,8 @@ fn main() -> anyhow::Result<()> {
 
     // 3. Soak.
     let mut generation = 3;
-    hub.set_desired(DEVICE, &document(generation, &churn(generation)));
+    let workloads = |generation| if quiet { steady(10) } else { churn(generation) };
+    hub.set_desired(DEVICE, &document(generation, &workloads(generation)));
     wait_running(&hub, DEVICE, generation, 10, Duration::from_secs(120))?;
     let soak_started = Instant::now();
     let mut per_minute: Vec<Vec<u64>> = Vec::new();
@@ -129,8 +135,10 @@ fn main() -> anyhow::Result<()> {
             cgroup.oom_kills()
         );
         per_minute.push(samples);
-        generation += 1;
-        hub.set_desired(DEVICE, &document(generation, &churn(generation)));
+        if !quiet {
+            generation += 1;
+            hub.set_desired(DEVICE, &document(generation, &workloads(generation)));
+        }
     }
     wait_generation(&hub, DEVICE, generation, Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_secs(3));
