@@ -9,6 +9,7 @@
 #   scripts/cross-cargo.sh aarch64-unknown-linux-gnu build --release -p edge-agent
 #   scripts/cross-cargo.sh armv7-unknown-linux-gnueabihf build --release -p hub
 #   scripts/cross-cargo.sh aarch64-unknown-linux-gnu test --no-run -p hw-tests
+#   scripts/cross-cargo.sh aarch64-unknown-linux-gnu build --profile cross-test -p edge-agent   # hw-tests/tests/arm.rs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +42,19 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "  (or: source scripts/deps.sh; cross_deps $deb)" >&2
     exit 1
 fi
+
+# Run from a test of another cargo (hw-tests/tests/arm.rs): drop what that
+# cargo set for its test. Build scripts track some of it (ring:
+# CARGO_MANIFEST_DIR), and a value that differs from the last build's would
+# rebuild ring and all that depends on it.
+for var in $(compgen -e); do
+    case "$var" in
+        CARGO | CARGO_MANIFEST_DIR | CARGO_MANIFEST_PATH | CARGO_PKG_* | CARGO_CRATE_NAME | CARGO_BIN_NAME | \
+            CARGO_BIN_EXE_* | CARGO_PRIMARY_PACKAGE | CARGO_TARGET_TMPDIR | CARGO_RUSTC_CURRENT_DIR)
+            unset "$var"
+            ;;
+    esac
+done
 
 env_triple=${triple//-/_}
 upper_triple=${env_triple^^}
