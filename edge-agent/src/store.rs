@@ -478,21 +478,25 @@ impl Store {
     /// The desired state with each rolled-back deployment replaced by what it
     /// rolled back to. None when there is no desired state.
     pub fn effective(&self) -> Result<Option<DesiredState>, StoreError> {
-        // One transaction, so that a desired state and rollbacks stored meanwhile are seen together or not at all.
-        let abort = ConflictableTransactionError::Abort;
-        (&self.desired, &self.rollbacks)
-            .transaction(|(desired, rollbacks)| {
-                let Some(bytes) = desired.get(CURRENT_KEY)? else { return Ok(None) };
-                let mut state: DesiredState = decode("desired state", &bytes).map_err(abort)?;
-                for deployment in &mut state.deployments {
-                    if let Some(bytes) = rollbacks.get(deployment.name.as_bytes())? {
-                        let rollback: Rollback = decode("rollback", &bytes).map_err(abort)?;
-                        *deployment = rollback.to;
-                    }
+        // Read, then check the desired state did not change meanwhile, rather
+        // than a sled transaction: this runs at every reconcile pass, and
+        // sled 0.34 writes to its log and keeps memory for every transaction,
+        // read-only ones too (the soak bench saw the agent grow by it). A
+        // desired state and its rollbacks stored together are seen together:
+        // the second read comes after the rollbacks were read.
+        loop {
+            let Some(bytes) = self.desired.get(CURRENT_KEY)? else { return Ok(None) };
+            let mut state: DesiredState = decode("desired state", &bytes)?;
+            for deployment in &mut state.deployments {
+                if let Some(rollback) = self.rollbacks.get(deployment.name.as_bytes())? {
+                    let rollback: Rollback = decode("rollback", &rollback)?;
+                    *deployment = rollback.to;
                 }
-                Ok(Some(state))
-            })
-            .map_err(transaction_error)
+            }
+            if self.desired.get(CURRENT_KEY)?.as_ref() == Some(&bytes) {
+                return Ok(Some(state));
+            }
+        }
     }
 
     /// Appends an event numbered one above the last one ever handed out (the first is 1).
