@@ -251,23 +251,49 @@ async fn an_artifact_crosses_the_wan_once_for_all_the_sites_devices_and_is_serve
     cloud.stop().await;
 }
 
+/// A registry holding app:1 (one random layer of `layer` bytes), a cloud hub
+/// that mirrors it, and a site hub whose cache asks the cloud over a WAN
+/// proxy, cut every `cut_every` bytes if given.
+struct ImageBehindCloud {
+    cloud: TestHub,
+    site: TestHub,
+    wan_http: CuttingProxy,
+    registry_host: String,
+    _wan: CuttingProxy,
+    _registry: testkit::Registry,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+impl ImageBehindCloud {
+    async fn start(layer: usize, cut_every: Option<u64>) -> Self {
+        use testkit::image::{build_oci_layout, RunConfig};
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let registry = testkit::Registry::start().unwrap();
+        let layout = dirs[0].path().join("layout");
+        let layer = testkit::layers::random_file("data", layer).unwrap();
+        build_oci_layout(&layout, "app:1", &[layer], &RunConfig::default()).unwrap();
+        registry.push(&layout, "app:1").unwrap();
+        let registry_host = registry.addr().to_string();
+        let mut cloud_config = Config {
+            sites: [(SITE.to_string(), SITE_TOKEN.to_string())].into(),
+            ..config(&dirs[0].path().join("hub"))
+        };
+        cloud_config.insecure_registries = vec![registry_host.clone()];
+        let cloud = TestHub::start(cloud_config).await;
+        let wan = CuttingProxy::start(cloud.mqtt).await.unwrap();
+        let wan_http = CuttingProxy::start(host(&cloud).parse().unwrap()).await.unwrap();
+        if let Some(bytes) = cut_every {
+            wan_http.cut_every(bytes);
+        }
+        let site = TestHub::start(site_with_cache(dirs[1].path(), &wan, &wan_http)).await;
+        Self { cloud, site, wan_http, registry_host, _wan: wan, _registry: registry, _dirs: dirs }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_pulled_at_the_site_comes_through_the_clouds_mirror_once() {
-    use testkit::image::{build_oci_layout, RunConfig};
-    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let registry = testkit::Registry::start().unwrap();
-    let layout = cloud_dir.path().join("layout");
-    let layer = testkit::layers::random_file("data", 1 << 20).unwrap();
-    build_oci_layout(&layout, "app:1", &[layer], &RunConfig::default()).unwrap();
-    registry.push(&layout, "app:1").unwrap();
-    let registry_host = registry.addr().to_string();
-    let mut cloud_config =
-        Config { sites: [(SITE.to_string(), SITE_TOKEN.to_string())].into(), ..config(&cloud_dir.path().join("hub")) };
-    cloud_config.insecure_registries = vec![registry_host.clone()];
-    let cloud = TestHub::start(cloud_config).await;
-    let wan = CuttingProxy::start(cloud.mqtt).await.unwrap();
-    let wan_http = CuttingProxy::start(host(&cloud).parse().unwrap()).await.unwrap();
-    let site = TestHub::start(site_with_cache(site_dir.path(), &wan, &wan_http)).await;
+    let ImageBehindCloud { cloud, site, wan_http, registry_host, _wan, _registry, _dirs } =
+        ImageBehindCloud::start(1 << 20, None).await;
 
     let name = format!("{registry_host}/app");
     let site_host = host(&site);
@@ -484,22 +510,8 @@ async fn a_site_local_deployment_applied_during_the_cut_runs_beside_the_clouds_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_layer_from_the_clouds_mirror_resumes_through_a_wan_cut_every_300_kb_fetching_under_5_percent_more() {
-    use testkit::image::{build_oci_layout, RunConfig};
-    let (cloud_dir, site_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let registry = testkit::Registry::start().unwrap();
-    let layout = cloud_dir.path().join("layout");
-    let layer = testkit::layers::random_file("data", 3 << 20).unwrap();
-    build_oci_layout(&layout, "app:1", &[layer], &RunConfig::default()).unwrap();
-    registry.push(&layout, "app:1").unwrap();
-    let registry_host = registry.addr().to_string();
-    let mut cloud_config =
-        Config { sites: [(SITE.to_string(), SITE_TOKEN.to_string())].into(), ..config(&cloud_dir.path().join("hub")) };
-    cloud_config.insecure_registries = vec![registry_host.clone()];
-    let cloud = TestHub::start(cloud_config).await;
-    let wan = CuttingProxy::start(cloud.mqtt).await.unwrap();
-    let wan_http = CuttingProxy::start(host(&cloud).parse().unwrap()).await.unwrap();
-    wan_http.cut_every(300 * 1024);
-    let site = TestHub::start(site_with_cache(site_dir.path(), &wan, &wan_http)).await;
+    let ImageBehindCloud { cloud, site, wan_http, registry_host, _wan, _registry, _dirs } =
+        ImageBehindCloud::start(3 << 20, Some(300 * 1024)).await;
 
     let image = pull_through(&host(&site), &format!("{registry_host}/app"), "1").await;
     assert!(image.layers[0].data.len() > 3 << 20, "the layer came whole");
