@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     let registry = testkit::Registry::start()?;
     let big = big_image(work.path(), &registry)?;
     let hub = Hub::new(&[(DEVICE, TOKEN)]);
-    let cgroup = Arc::new(Constrained::new("outpost-soak-agent", MEMORY, CPUS));
+    let cgroup = Arc::new(Constrained::new(&format!("outpost-soak-{}", std::process::id()), MEMORY, CPUS));
     let mut agent = Agent::with_binary(binary);
     agent.use_config(&format!(
         "device-id = \"{DEVICE}\"\nhub = \"mqtt://{}\"\nhub-token = \"{TOKEN}\"\nreport-interval = \"200ms\"\n\
