@@ -239,11 +239,16 @@ impl Link<'_> {
         self.settings.topics.topic(&self.settings.device_id, channel)
     }
 
-    fn publish(&self, channel: Channel, payload: Vec<u8>, retain: bool) {
+    /// False when the message did not fit the client's queue.
+    fn publish(&self, channel: Channel, payload: Vec<u8>, retain: bool) -> bool {
         // try_: the event loop runs in this same task, so waiting for room
         // could wait forever; what does not fit is in the outbox for next time.
-        if let Err(e) = self.client.try_publish(self.topic(channel), QoS::AtLeastOnce, retain, payload) {
-            tracing::debug!("not sent now, kept for the next connection: {e}");
+        match self.client.try_publish(self.topic(channel), QoS::AtLeastOnce, retain, payload) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("not sent now, kept for the next connection: {e}");
+                false
+            }
         }
     }
 
@@ -420,7 +425,11 @@ impl Link<'_> {
         let Some(events) = blocking(move || store.events_after(after, EVENTS_PER_BATCH * 10)).await else { return };
         for batch in events.chunks(EVENTS_PER_BATCH) {
             let message = EventBatch { v: PROTOCOL_VERSION, epoch: self.epoch, events: batch.to_vec() };
-            self.publish(Channel::Events, encode(self.settings.encoding, &message), false);
+            // The hub stores events above the newest it has: a later batch
+            // sent past one that did not fit would make it skip that one.
+            if !self.publish(Channel::Events, encode(self.settings.encoding, &message), false) {
+                return;
+            }
             self.sent_events = batch.last().map(|e| e.seq).unwrap_or(self.sent_events);
         }
     }
