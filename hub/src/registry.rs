@@ -106,37 +106,51 @@ pub fn apply_report(store: &Store, id: &str, report: &Report, now: u64) -> Resul
     })
 }
 
-/// Stores the events numbered above the last stored one (events arrive in
-/// order, so anything at or below it was stored already), numbered after the
-/// events of the device's earlier epochs; returns how many. `follow_epoch`
-/// comes first.
-pub fn store_events(store: &Store, id: &str, batch: &EventBatch, now: u64) -> Result<usize, StoreError> {
+/// Stores the events that follow the last stored one, numbered after the
+/// events of the device's earlier epochs, and returns what it stored, in
+/// the device's numbers (for the hub's parent). Events at or below the last
+/// stored one were stored already. A jump in the numbers is taken only over
+/// numbers the device says it no longer holds (`oldest_held`): a batch that
+/// overtook an earlier one would otherwise make the hub skip, and the device
+/// delete on the hub's ack, events never stored. `follow_epoch` comes first.
+pub fn store_events(store: &Store, id: &str, batch: &EventBatch, now: u64) -> Result<EventBatch, StoreError> {
     let (last, offset) = store.device(id)?.map_or((0, 0), |d| (d.event_seq, d.event_offset));
     let mut newest = last;
-    let fresh: Vec<_> = batch
-        .events
-        .iter()
-        .filter(|event| {
-            let fresh = event.seq > newest;
-            newest = newest.max(event.seq);
-            fresh
-        })
-        .map(|event| Event { seq: offset.saturating_add(event.seq), ..event.clone() })
-        .collect();
+    let mut taken = Vec::new();
+    for event in &batch.events {
+        if event.seq <= newest {
+            continue;
+        }
+        let follows = event.seq == newest + 1 || batch.oldest_held.is_none_or(|oldest| event.seq <= oldest);
+        if !follows {
+            tracing::info!(
+                device = id,
+                "events from {} on came before {} to {}, which the device still holds: stored none of them; the \
+                 device sends them again",
+                event.seq,
+                newest + 1,
+                event.seq - 1
+            );
+            break;
+        }
+        newest = event.seq;
+        taken.push(event.clone());
+    }
+    let stored: Vec<_> = taken.iter().map(|event| Event { seq: offset.saturating_add(event.seq), ..event.clone() }).collect();
     // Events first: if the hub stops in between, the device sends them
     // again and storing one twice keeps one copy.
-    store.put_events(id, &fresh)?;
+    store.put_events(id, &stored)?;
     store.update_device(id, |device| {
         seen(device, now);
         device.event_seq = device.event_seq.max(newest);
-        for event in &fresh {
+        for event in &stored {
             crate::rollout::observe_event(&mut device.rollouts, &event.kind, now);
             if let EventKind::Refused { generation, reason } = &event.kind {
                 device.refused = Some(Refusal { generation: *generation, reason: reason.clone() });
             }
         }
     })?;
-    Ok(fresh.len())
+    Ok(EventBatch { events: taken, ..batch.clone() })
 }
 
 /// Records a device's presence. A retained presence replayed by the broker
@@ -349,7 +363,7 @@ mod tests {
     fn events(seqs: &[u64]) -> EventBatch {
         let events =
             seqs.iter().map(|&seq| Event { seq, at: 0, kind: EventKind::Applied { generation: seq } }).collect();
-        EventBatch { v: PROTOCOL_VERSION, epoch: 0, events }
+        EventBatch { v: PROTOCOL_VERSION, epoch: 0, events, oldest_held: None }
     }
 
     #[test]
@@ -413,17 +427,46 @@ mod tests {
         assert!(view(&store).is_empty());
     }
 
+    fn stored(store: &Store, batch: &EventBatch) -> Vec<u64> {
+        store_events(store, "d", batch, 0).unwrap().events.iter().map(|e| e.seq).collect()
+    }
+
+    fn held_from(oldest: u64, seqs: &[u64]) -> EventBatch {
+        EventBatch { oldest_held: Some(oldest), ..events(seqs) }
+    }
+
     #[test]
     fn events_are_stored_once_each() {
         let (_dir, store) = store();
-        assert_eq!(store_events(&store, "d", &events(&[1, 2, 3]), 0).unwrap(), 3);
-        assert_eq!(store_events(&store, "d", &events(&[2, 3, 4]), 0).unwrap(), 1);
-        assert_eq!(store_events(&store, "d", &events(&[4]), 0).unwrap(), 0);
+        assert_eq!(stored(&store, &held_from(1, &[1, 2, 3])), [1, 2, 3]);
+        assert_eq!(stored(&store, &held_from(2, &[2, 3, 4])), [4]);
+        assert!(stored(&store, &held_from(4, &[4])).is_empty());
         // A device that dropped events (its outbox is bounded) leaves a gap: kept as is.
-        assert_eq!(store_events(&store, "d", &events(&[7, 8]), 0).unwrap(), 2);
+        assert_eq!(stored(&store, &held_from(7, &[7, 8])), [7, 8]);
         let seqs: Vec<u64> = store.events("d", 0, 100).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [1, 2, 3, 4, 7, 8]);
         assert_eq!(ack(&store.device("d").unwrap().unwrap()).events, 8);
+    }
+
+    #[test]
+    fn a_batch_that_overtook_one_the_device_still_holds_is_not_stored_until_the_gap_is_filled() {
+        let (_dir, store) = store();
+        assert_eq!(stored(&store, &held_from(1, &[1, 2])), [1, 2]);
+        // 3 was dropped on the way (or is late): the device still holds it.
+        assert!(stored(&store, &held_from(3, &[4, 5])).is_empty());
+        assert_eq!(ack(&store.device("d").unwrap().unwrap()).events, 2, "the ack must not cover 3");
+        // Within a batch too: stored up to the jump.
+        assert_eq!(stored(&store, &held_from(3, &[3, 5])), [3]);
+        assert_eq!(stored(&store, &held_from(4, &[4, 5, 6])), [4, 5, 6]);
+        let seqs: Vec<u64> = store.events("d", 0, 100).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn an_agent_that_does_not_say_what_it_holds_has_its_events_stored_above_the_newest() {
+        let (_dir, store) = store();
+        assert_eq!(stored(&store, &events(&[1, 2])), [1, 2]);
+        assert_eq!(stored(&store, &events(&[5])), [5]);
     }
 
     /// What the applier does with a report or an event batch of an epoch.
@@ -434,7 +477,7 @@ mod tests {
 
     fn receive_events(store: &Store, epoch: u64, seqs: &[u64]) -> usize {
         follow_epoch(store, "d", epoch, 500).unwrap();
-        store_events(store, "d", &EventBatch { epoch, ..events(seqs) }, 500).unwrap()
+        store_events(store, "d", &EventBatch { epoch, ..events(seqs) }, 500).unwrap().events.len()
     }
 
     fn stored_events(store: &Store) -> Vec<(u64, u64)> {

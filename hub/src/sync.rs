@@ -294,6 +294,7 @@ impl Applier {
                 self.store.update_device(device, |d| d.site.clone_from(&reached_through))?;
             }
         }
+        let mut stored_events = None;
         match &message {
             Upward::Report(report) => {
                 self.follow_epoch(device, report.epoch, now, out)?;
@@ -305,7 +306,7 @@ impl Applier {
             }
             Upward::Events(batch) => {
                 self.follow_epoch(device, batch.epoch, now, out)?;
-                registry::store_events(&self.store, device, batch, now)?;
+                stored_events = Some(registry::store_events(&self.store, device, batch, now)?);
             }
             Upward::Presence(presence) => registry::set_presence(&self.store, device, presence, retained, now)?,
             Upward::Logs(message) => {
@@ -326,6 +327,12 @@ impl Applier {
         if site.is_none() && matches!(message, Upward::Report(_) | Upward::Events(_)) {
             out.acks.insert(device.to_string());
         }
+        // Only the events stored go up: the parent applies the same rule.
+        let message = match stored_events {
+            Some(stored) if stored.events.is_empty() => return Ok(()),
+            Some(stored) => Upward::Events(stored),
+            None => message,
+        };
         if self.upward.is_some() {
             let mut message = message;
             crate::site::translate(&self.store, device, &mut message)?;

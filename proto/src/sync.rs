@@ -237,6 +237,15 @@ pub struct EventBatch {
     #[serde(default)]
     pub epoch: u64,
     pub events: Vec<Event>,
+    /// The oldest event the device still holds. The numbers between the
+    /// hub's newest and it were acknowledged or dropped past the device's
+    /// cap: a jump over them loses nothing. A batch that jumps higher came
+    /// ahead of one the device still holds (a batch the broker dropped, or a
+    /// stale one sent after a reconnect): the hub stores nothing from the
+    /// jump on, and the device's next resend fills it. None from agents
+    /// before it: the hub stores whatever is above its newest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_held: Option<u64>,
 }
 
 /// Lines a `send-logs` reply carries at most, whatever `tail` asked for.
@@ -375,6 +384,7 @@ mod tests {
                     reason: "crash loop".into(),
                 },
             }],
+            oldest_held: Some(4),
         };
         assert_eq!(decode::<EventBatch>(&encode(Encoding::Cbor, &batch)).unwrap(), batch);
     }

@@ -566,6 +566,7 @@ async fn a_site_cannot_report_for_a_device_another_site_carries() {
         v: PROTOCOL_VERSION,
         epoch: 0,
         events: vec![outpost_proto::Event { seq: 2, at: 2, kind: outpost_proto::EventKind::Applied { generation: 9 } }],
+        oldest_held: None,
     };
     // In the same batch, its own device's event: the batch was taken, the forged item left out.
     let own =

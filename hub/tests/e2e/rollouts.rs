@@ -185,6 +185,7 @@ async fn a_device_rolling_itself_back_counts_as_a_failure_of_the_revision() {
                 reason: "web failed its health probe".into(),
             },
         }],
+        oldest_held: Some(1),
     };
     let canary_device = device(&mut devices, canary);
     canary_device.publish(Channel::Events, false, encode(Encoding::Json, &batch)).await;
@@ -385,7 +386,8 @@ fn agent_update(version: &str, waves: &[&str]) -> Value {
 }
 
 async fn send_event(device: &DeviceSimulator, seq: u64, kind: EventKind) {
-    let batch = EventBatch { v: PROTOCOL_VERSION, epoch: 0, events: vec![Event { seq, at: 1, kind }] };
+    let batch =
+        EventBatch { v: PROTOCOL_VERSION, epoch: 0, events: vec![Event { seq, at: 1, kind }], oldest_held: Some(seq) };
     device.publish(Channel::Events, false, encode(Encoding::Json, &batch)).await;
 }
 

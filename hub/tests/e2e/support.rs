@@ -246,7 +246,7 @@ impl DeviceSimulator {
 
     /// Events numbered `seqs` in the store epoch `epoch`, each an `applied` event of generation = its number.
     pub async fn events_in(&self, epoch: u64, seqs: &[u64]) {
-        let events = seqs
+        let events: Vec<_> = seqs
             .iter()
             .map(|&seq| outpost_proto::Event {
                 seq,
@@ -254,7 +254,8 @@ impl DeviceSimulator {
                 kind: outpost_proto::EventKind::Applied { generation: seq },
             })
             .collect();
-        let batch = EventBatch { v: PROTOCOL_VERSION, epoch, events };
+        let oldest_held = events.first().map(|e| e.seq);
+        let batch = EventBatch { v: PROTOCOL_VERSION, epoch, events, oldest_held };
         self.publish(Channel::Events, false, encode(self.encoding, &batch)).await;
     }
 

@@ -294,8 +294,9 @@ impl Device {
     /// Hands the events not handed yet since the connect to the client, in order.
     fn send_events(&mut self) {
         let unsent: Vec<Event> = self.events.iter().filter(|e| e.seq > self.sent_events).cloned().collect();
+        let oldest_held = self.events.front().map(|e| e.seq);
         for batch in unsent.chunks(EVENTS_PER_BATCH) {
-            let message = EventBatch { v: PROTOCOL_VERSION, epoch: EPOCH, events: batch.to_vec() };
+            let message = EventBatch { v: PROTOCOL_VERSION, epoch: EPOCH, events: batch.to_vec(), oldest_held };
             if !self.publish(Channel::Events, false, encode(Encoding::Cbor, &message)) {
                 return;
             }
