@@ -45,7 +45,8 @@ pub struct Core {
     /// Agent self-update from the hub, when hub-http is configured.
     updater: Option<Arc<Updater>>,
     /// The store could not be read: sled keeps failing every call after an
-    /// I/O error (a full disk), also once the disk has room again.
+    /// I/O error (a full disk), also once the disk has room again. (A failed
+    /// write says so in `Store::failed`.)
     store_failed: bool,
 }
 
@@ -70,8 +71,14 @@ impl Core {
     /// One reconcile pass, then the verdict on each watched revision. Returns
     /// true when it rolled a deployment back, so another pass should follow.
     pub fn pass(&mut self) -> bool {
+        // A write that failed may still show in what sled reads back (a
+        // desired state refused for want of room): act on nothing from it.
+        if self.store.failed() {
+            return false;
+        }
         let state = match self.store.effective() {
-            Ok(Some(state)) => state,
+            Ok(Some(state)) if !self.store.failed() => state,
+            Ok(Some(_)) => return false,
             Ok(None) => return false,
             Err(e) => {
                 tracing::error!("cannot read the desired state: {e}");
@@ -291,7 +298,7 @@ async fn reconcile_loop(core: Arc<Mutex<Core>>, kick: Arc<Notify>, interval: Dur
     loop {
         let core = core.clone();
         let (again, failed) = tokio::task::spawn_blocking(move || {
-            core.lock().map(|mut c| (c.pass(), c.store_failed)).unwrap_or((false, false))
+            core.lock().map(|mut c| (c.pass(), c.store_failed || c.store.failed())).unwrap_or((false, false))
         })
         .await
         .unwrap_or((false, false));

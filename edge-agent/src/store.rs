@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -134,6 +135,8 @@ pub struct Store {
     snapshot: PathBuf,
     /// Read (or made) by `migrate`, which every open runs.
     epoch: u64,
+    /// See `Store::failed`.
+    failed: AtomicBool,
 }
 
 /// Why `open_db` failed: a store sled cannot read, or anything else (a lock,
@@ -198,6 +201,7 @@ impl Store {
             db,
             snapshot,
             epoch: 0,
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -298,18 +302,35 @@ impl Store {
     /// Stores a root the caller verified (the first, or a rotation) with the
     /// versions trusted after it, in one flushed transaction.
     pub fn set_trust(&self, root: Option<&[u8]>, versions: &Versions) -> Result<(), StoreError> {
-        let versions = encode(versions);
-        self.trust
-            .transaction(|trust| {
-                if let Some(root) = root {
-                    trust.insert(TRUSTED_ROOT_KEY, root)?;
-                }
-                trust.insert(VERSIONS_KEY, versions.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(transaction_error)?;
-        self.trust.flush()?;
-        Ok(())
+        self.write(|| {
+            let versions = encode(versions);
+            self.trust
+                .transaction(|trust| {
+                    if let Some(root) = root {
+                        trust.insert(TRUSTED_ROOT_KEY, root)?;
+                    }
+                    trust.insert(VERSIONS_KEY, versions.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(transaction_error)?;
+            self.trust.flush()?;
+            Ok(())
+        })
+    }
+
+    /// Whether a write failed with an I/O error (a full disk). sled then
+    /// refuses every write until the process opens it again, also once the
+    /// disk has room: the agent stops, and its service manager starts it afresh.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    fn write<T>(&self, mutation: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let result = mutation();
+        if let Err(StoreError::Sled(sled::Error::Io(_))) = &result {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        result
     }
 
     /// This store's epoch: never 0, which stands for "before epochs" in the protocol.
@@ -328,62 +349,64 @@ impl Store {
     /// (for rollback); a newer revision of a rolled-back deployment ends its
     /// rollback; a deployment no longer desired takes both with it.
     pub fn set_desired(&self, state: &DesiredState) -> Result<bool, StoreError> {
-        let abort = ConflictableTransactionError::Abort;
-        let stored = (&self.desired, &self.previous, &self.rollbacks)
-            .transaction(|(desired, previous, rollbacks)| {
-                let current = desired.get(CURRENT_KEY)?;
-                let current: Option<DesiredState> =
-                    current.map(|bytes| decode("desired state", &bytes)).transpose().map_err(abort)?;
-                if let Some(current) = &current {
-                    if state.generation < current.generation {
-                        return Err(abort(StoreError::StaleGeneration {
-                            current: current.generation,
-                            offered: state.generation,
-                        }));
-                    }
-                    if state.generation == current.generation {
-                        if state == current {
-                            return Ok(false);
+        self.write(|| {
+            let abort = ConflictableTransactionError::Abort;
+            let stored = (&self.desired, &self.previous, &self.rollbacks)
+                .transaction(|(desired, previous, rollbacks)| {
+                    let current = desired.get(CURRENT_KEY)?;
+                    let current: Option<DesiredState> =
+                        current.map(|bytes| decode("desired state", &bytes)).transpose().map_err(abort)?;
+                    if let Some(current) = &current {
+                        if state.generation < current.generation {
+                            return Err(abort(StoreError::StaleGeneration {
+                                current: current.generation,
+                                offered: state.generation,
+                            }));
                         }
-                        return Err(abort(StoreError::ConflictingGeneration { generation: state.generation }));
-                    }
-                    for old in &current.deployments {
-                        match state.deployment(&old.name) {
-                            Some(new) if new.revision != old.revision => {
-                                // What the device runs is replaced: the rollback's revision when one is in force.
-                                let running = match rollbacks.get(old.name.as_bytes())? {
-                                    Some(bytes) => decode::<Rollback>("rollback", &bytes).map_err(abort)?.to,
-                                    None => old.clone(),
-                                };
-                                previous.insert(old.name.as_bytes(), encode(&running))?;
+                        if state.generation == current.generation {
+                            if state == current {
+                                return Ok(false);
                             }
-                            Some(_) => {}
-                            None => {
-                                previous.remove(old.name.as_bytes())?;
-                                rollbacks.remove(old.name.as_bytes())?;
+                            return Err(abort(StoreError::ConflictingGeneration { generation: state.generation }));
+                        }
+                        for old in &current.deployments {
+                            match state.deployment(&old.name) {
+                                Some(new) if new.revision != old.revision => {
+                                    // What the device runs is replaced: the rollback's revision when one is in force.
+                                    let running = match rollbacks.get(old.name.as_bytes())? {
+                                        Some(bytes) => decode::<Rollback>("rollback", &bytes).map_err(abort)?.to,
+                                        None => old.clone(),
+                                    };
+                                    previous.insert(old.name.as_bytes(), encode(&running))?;
+                                }
+                                Some(_) => {}
+                                None => {
+                                    previous.remove(old.name.as_bytes())?;
+                                    rollbacks.remove(old.name.as_bytes())?;
+                                }
                             }
                         }
                     }
-                }
-                for new in &state.deployments {
-                    if let Some(bytes) = rollbacks.get(new.name.as_bytes())? {
-                        let rollback: Rollback = decode("rollback", &bytes).map_err(abort)?;
-                        if new.revision > rollback.from_revision {
-                            rollbacks.remove(new.name.as_bytes())?;
+                    for new in &state.deployments {
+                        if let Some(bytes) = rollbacks.get(new.name.as_bytes())? {
+                            let rollback: Rollback = decode("rollback", &bytes).map_err(abort)?;
+                            if new.revision > rollback.from_revision {
+                                rollbacks.remove(new.name.as_bytes())?;
+                            }
                         }
                     }
-                }
-                desired.insert(CURRENT_KEY, encode(state))?;
-                Ok(true)
-            })
-            .map_err(transaction_error)?;
-        if stored {
-            self.db.flush()?;
-            let json = serde_json::to_vec_pretty(state).expect("a desired state serializes to JSON");
-            write_atomic(&self.snapshot, &json)
-                .map_err(|source| StoreError::WriteSnapshot { path: self.snapshot.clone(), source })?;
-        }
-        Ok(stored)
+                    desired.insert(CURRENT_KEY, encode(state))?;
+                    Ok(true)
+                })
+                .map_err(transaction_error)?;
+            if stored {
+                self.db.flush()?;
+                let json = serde_json::to_vec_pretty(state).expect("a desired state serializes to JSON");
+                write_atomic(&self.snapshot, &json)
+                    .map_err(|source| StoreError::WriteSnapshot { path: self.snapshot.clone(), source })?;
+            }
+            Ok(stored)
+        })
     }
 
     /// The revision the deployment's current one replaced.
@@ -403,17 +426,21 @@ impl Store {
     }
 
     pub fn set_rollback(&self, deployment: &str, rollback: &Rollback) -> Result<(), StoreError> {
-        self.rollbacks.insert(deployment.as_bytes(), encode(rollback))?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|| {
+            self.rollbacks.insert(deployment.as_bytes(), encode(rollback))?;
+            self.db.flush()?;
+            Ok(())
+        })
     }
 
     /// Queues a report for the hub under the next report number, which
     /// survives restarts; returns the number. Kept until the hub acknowledges it.
     pub fn push_report(&self, build: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, StoreError> {
-        let seq = self.reports.push(&self.meta, build)?;
-        self.db.flush()?;
-        Ok(seq)
+        self.write(|| {
+            let seq = self.reports.push(&self.meta, build)?;
+            self.db.flush()?;
+            Ok(seq)
+        })
     }
 
     /// Queued reports, oldest first, as encoded for the wire.
@@ -430,9 +457,11 @@ impl Store {
 
     /// Drops the queued reports up to and including `seq` (the hub has them).
     pub fn ack_reports(&self, seq: u64) -> Result<(), StoreError> {
-        self.reports.ack(seq)?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|| {
+            self.reports.ack(seq)?;
+            self.db.flush()?;
+            Ok(())
+        })
     }
 
     /// The revision of `deployment` that held through its rollback window on
@@ -442,9 +471,11 @@ impl Store {
     }
 
     pub fn set_confirmed(&self, deployment: &str, revision: u64) -> Result<(), StoreError> {
-        self.confirmed.insert(deployment.as_bytes(), encode(&revision))?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|| {
+            self.confirmed.insert(deployment.as_bytes(), encode(&revision))?;
+            self.db.flush()?;
+            Ok(())
+        })
     }
 
     /// The deployment revision whose agent update was last acted on
@@ -455,9 +486,11 @@ impl Store {
     }
 
     pub fn set_agent_update_handled(&self, origin: &UpdateOrigin) -> Result<(), StoreError> {
-        self.meta.insert(AGENT_UPDATE_KEY, encode(origin))?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|| {
+            self.meta.insert(AGENT_UPDATE_KEY, encode(origin))?;
+            self.db.flush()?;
+            Ok(())
+        })
     }
 
     /// The desired state with each rolled-back deployment replaced by what it
@@ -486,23 +519,25 @@ impl Store {
 
     /// Appends an event numbered one above the last one ever handed out (the first is 1).
     pub fn push_event(&self, kind: EventKind) -> Result<Event, StoreError> {
-        let mut event = Event { seq: 0, at: unix_now_ms(), kind };
-        self.events.push(&self.meta, |seq| {
-            event.seq = seq;
-            encode(&event)
-        })?;
-        // A device that never reaches a hub must not fill its disk with
-        // events: past the cap the oldest go (their numbers show the gap).
-        // Kept events are one run of numbers (acks delete from the front).
-        while let Some((oldest, _)) = self.events.entries.first()? {
-            let oldest = seq_of(&oldest);
-            if event.seq - oldest < MAX_EVENTS {
-                break;
+        self.write(|| {
+            let mut event = Event { seq: 0, at: unix_now_ms(), kind };
+            self.events.push(&self.meta, |seq| {
+                event.seq = seq;
+                encode(&event)
+            })?;
+            // A device that never reaches a hub must not fill its disk with
+            // events: past the cap the oldest go (their numbers show the gap).
+            // Kept events are one run of numbers (acks delete from the front).
+            while let Some((oldest, _)) = self.events.entries.first()? {
+                let oldest = seq_of(&oldest);
+                if event.seq - oldest < MAX_EVENTS {
+                    break;
+                }
+                self.events.entries.remove(oldest.to_be_bytes())?;
             }
-            self.events.entries.remove(oldest.to_be_bytes())?;
-        }
-        self.db.flush()?;
-        Ok(event)
+            self.db.flush()?;
+            Ok(event)
+        })
     }
 
     /// The number of the oldest event kept, if any.
@@ -522,9 +557,11 @@ impl Store {
 
     /// Deletes events up to and including `seq` (the hub has them).
     pub fn ack_events(&self, seq: u64) -> Result<(), StoreError> {
-        self.events.ack(seq)?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|| {
+            self.events.ack(seq)?;
+            self.db.flush()?;
+            Ok(())
+        })
     }
 
     /// Bytes the store uses on disk.

@@ -16,6 +16,9 @@
 //! so no dm-flakey; the shutdown drops the same writes dm-flakey's
 //! `drop_writes` would, but not writes a disk's volatile cache would lose.
 //!
+//! A full disk on the same filesystem: the agent stops, its workload runs on,
+//! and started again with room it takes what it could not store.
+//!
 //! "Acknowledged" is what `edge-agent apply` reported as applied: the agent
 //! answers only after the state and its `applied` event are flushed.
 //! Needs root, a kernel with loop devices and ext4, e2fsprogs and util-linux.
@@ -29,6 +32,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tempfile::TempDir;
 use testkit::agent::{state, Agent};
+use testkit::chaos::DiskFiller;
 use testkit::loopfs::LoopFs;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -334,6 +338,47 @@ fn agent_started_after_a_power_cut_mid_write_runs_the_last_state_it_acknowledged
     let (running, _) = settled(&device.agent, sent);
     assert_eq!(running, sent);
     println!("{} power cuts ({mid_apply} while an apply was on its way) in {:?}", CUTS.len(), started.elapsed());
+}
+
+/// A full disk: sled refuses every write after its first I/O error, also
+/// once the disk has room again, so the agent stops (its service manager
+/// starts it again) and its workload runs on meanwhile; started with room,
+/// it takes the state it could not store before.
+#[test]
+fn an_agent_whose_disk_fills_stops_with_its_workload_running_and_started_with_room_takes_the_next_state() {
+    let device = Device::new();
+    device.agent.start_daemon();
+    device.apply(1).expect("generation 1 is acknowledged");
+    let (_, cmdline) = settled(&device.agent, 1);
+
+    let filler = DiskFiller::new(device.fs.path());
+    filler.fill();
+    let refused = device.apply(2).expect_err("generation 2 was acknowledged on a full disk");
+    println!("generation 2 on a full disk: {}", refused.trim());
+    let exited = device.agent.wait_daemon_exit(WAIT);
+    // Its log is on the full disk too: what it could write of it.
+    let log = device.agent.daemon_log();
+    assert!(exited.is_some(), "the agent runs on with a store that refuses every write:\n{log}");
+    assert!(
+        device.processes().iter().any(|pid| {
+            let running = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&running).replace('\0', " ").trim() == cmdline
+        }),
+        "generation 1's workload ({cmdline}) stopped with the agent"
+    );
+
+    filler.free();
+    device.agent.start_daemon();
+    device.apply(2).unwrap_or_else(|e| panic!("generation 2 with room on the disk: {e}"));
+    assert_eq!(settled(&device.agent, 2).0, 2);
+    let applied: Vec<u64> = device
+        .agent
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "applied")
+        .filter_map(|e| e["generation"].as_u64())
+        .collect();
+    assert_eq!(applied, [1, 2], "each acknowledged generation's `applied` event, once");
 }
 
 /// The model itself: what was fsync'd before the cut is there after it,
