@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{self, UnixAddr};
 use nix::sys::stat::{SFlag, major, minor};
-use nix::sys::statfs::FsType;
+use nix::sys::statfs::DEVPTS_SUPER_MAGIC;
 use nix::unistd::{close, dup2};
 
 use crate::syscall::Syscall;
@@ -156,14 +156,10 @@ const PTMX_MINOR: u64 = 2;
 const PTMX_INO: u64 = 2;
 /// PTY slave major number
 const PTY_SLAVE_MAJOR: u64 = 136;
-/// DEVPTS_SUPER_MAGIC from <linux/magic.h>
-/// Note: Using libc::DEVPTS_SUPER_MAGIC is not available, so we define it here.
-/// The type must match nix::sys::statfs::FsType's inner type (fs_type_t),
-/// which is i64 on glibc and u64 on musl.
-#[cfg(target_env = "musl")]
-const DEVPTS_SUPER_MAGIC: u64 = 0x1cd1;
-#[cfg(not(target_env = "musl"))]
-const DEVPTS_SUPER_MAGIC: i64 = 0x1cd1;
+// Outpost patch: DEVPTS_SUPER_MAGIC (0x1cd1, <linux/magic.h>) is nix's
+// FsType constant, imported above, whose inner type is statfs's f_type on
+// each target: i64 on 64-bit glibc, c_ulong on musl, i32 on 32-bit glibc (an
+// i64 constant here did not compile for 32-bit targets).
 /// Path to the PTY master device
 const PTMX_PATH: &[u8] = b"/dev/ptmx";
 /// Path to the console device
@@ -180,7 +176,7 @@ const CONSOLE_PATH: &str = "/dev/console";
 fn verify_ptmx_handle(ptmx: &OwnedFd) -> Result<()> {
     verify_inode(ptmx, |stat, fs_stat| {
         // 1. Check filesystem type is devpts
-        if fs_stat.filesystem_type() != FsType(DEVPTS_SUPER_MAGIC) {
+        if fs_stat.filesystem_type() != DEVPTS_SUPER_MAGIC {
             return Err(VerifyInodeError::Verification(format!(
                 "ptmx handle is not on a real devpts mount: super magic is {:#x}",
                 fs_stat.filesystem_type().0
@@ -188,7 +184,8 @@ fn verify_ptmx_handle(ptmx: &OwnedFd) -> Result<()> {
         }
 
         // 2. Check inode number
-        if stat.st_ino != PTMX_INO {
+        // Outpost patch: u64::from, as st_ino is u32 on 32-bit glibc.
+        if u64::from(stat.st_ino) != PTMX_INO {
             return Err(VerifyInodeError::Verification(format!(
                 "ptmx handle has wrong inode number: {}",
                 stat.st_ino
@@ -231,7 +228,7 @@ fn verify_ptmx_handle(ptmx: &OwnedFd) -> Result<()> {
 fn verify_pty_slave(slave: &OwnedFd) -> Result<()> {
     verify_inode(slave, |stat, fs_stat| {
         // 1. Check filesystem type is devpts
-        if fs_stat.filesystem_type() != FsType(DEVPTS_SUPER_MAGIC) {
+        if fs_stat.filesystem_type() != DEVPTS_SUPER_MAGIC {
             return Err(VerifyInodeError::Verification(format!(
                 "slave handle is not on a real devpts mount: super magic is {:#x}",
                 fs_stat.filesystem_type().0

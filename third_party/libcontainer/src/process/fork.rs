@@ -141,7 +141,9 @@ fn clone(cb: CloneCb, flags: u64, exit_signal: Option<u64>) -> Result<Pid, Clone
         resource::getrlimit(resource::Resource::RLIMIT_STACK).map_err(CloneError::ResourceLimit)?;
     // mmap will return ENOMEM if stack size is unlimited when we create the
     // child stack, so we need to set a reasonable default stack size.
-    let default_stack_size = if rlim_cur != u64::MAX {
+    // Outpost patch: RLIM_INFINITY, not u64::MAX: rlim_t is 32 bits wide on
+    // 32-bit glibc (the same value on 64-bit targets).
+    let default_stack_size = if rlim_cur != resource::RLIM_INFINITY {
         rlim_cur as usize
     } else {
         tracing::debug!(

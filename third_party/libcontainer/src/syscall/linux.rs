@@ -578,16 +578,30 @@ impl Syscall for LinuxSyscall {
 
     /// Sets resource limit for process
     fn set_rlimit(&self, rlimit: &PosixRlimit) -> Result<()> {
+        #[cfg(not(all(target_env = "gnu", target_pointer_width = "32")))]
         let rlim = &libc::rlimit {
+            rlim_cur: rlimit.soft(),
+            rlim_max: rlimit.hard(),
+        };
+        // Outpost patch: on 32-bit glibc rlim_t can be 32 bits wide;
+        // rlimit64 and setrlimit64 take the spec's u64 limits as they are
+        // (RLIM64_INFINITY is u64::MAX), as setrlimit does on 64-bit targets.
+        #[cfg(all(target_env = "gnu", target_pointer_width = "32"))]
+        let rlim = &libc::rlimit64 {
             rlim_cur: rlimit.soft(),
             rlim_max: rlimit.hard(),
         };
 
         // Change for musl libc based on seccomp needs
-        #[cfg(not(target_env = "musl"))]
+        #[cfg(not(any(
+            target_env = "musl",
+            all(target_env = "gnu", target_pointer_width = "32")
+        )))]
         let res = unsafe { libc::setrlimit(rlimit.typ() as u32, rlim) };
         #[cfg(target_env = "musl")]
         let res = unsafe { libc::setrlimit(rlimit.typ() as i32, rlim) };
+        #[cfg(all(target_env = "gnu", target_pointer_width = "32"))]
+        let res = unsafe { libc::setrlimit64(rlimit.typ() as u32, rlim) };
 
         match res {
             0 => Ok(()),
