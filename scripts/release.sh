@@ -11,9 +11,7 @@
 #   scripts/release.sh aarch64          # only the arches named
 #
 # A binary that fails to build for an arch is reported loudly at the end
-# (exit 1); the others are built all the same. Today that is edge-agent for
-# armv7: libcontainer 0.7.0 (youki) does not compile for 32-bit targets
-# (docs/benchmarks.md, "Binary sizes").
+# (exit 1); the others are built all the same.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

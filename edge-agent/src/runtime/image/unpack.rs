@@ -16,7 +16,7 @@ use std::path::{Component, Path, PathBuf};
 use flate2::read::MultiGzDecoder;
 use nix::fcntl::AtFlags;
 use nix::sys::stat::{makedev, mknod, utimensat, Mode, SFlag, UtimensatFlags};
-use nix::sys::time::TimeSpec;
+use nix::sys::time::{time_t, TimeSpec};
 use nix::unistd::{fchownat, Gid, Uid};
 use ota::{Digest, HashingReader};
 use tar::EntryType;
@@ -314,7 +314,8 @@ fn remove_existing(path: &Path) -> Result<(), ImageError> {
 }
 
 fn set_mtime(path: &Path, mtime: u64) -> Result<(), ImageError> {
-    let t = TimeSpec::new(i64::try_from(mtime).unwrap_or(i64::MAX), 0);
+    // time_t: i64, but i32 on 32-bit glibc (armv7), where a time past 2038 saturates too.
+    let t = TimeSpec::new(time_t::try_from(mtime).unwrap_or(time_t::MAX), 0);
     utimensat(None, path, &t, &t, UtimensatFlags::NoFollowSymlink).at(path)
 }
 
