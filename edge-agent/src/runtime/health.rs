@@ -140,6 +140,15 @@ mod tests {
         assert!(tcp_check(port, Duration::from_secs(1)));
         assert!(http_check(port, "/healthz", Duration::from_secs(1)));
         server.join().unwrap();
-        assert!(!tcp_check(port, Duration::from_millis(200)), "nobody listens any more");
+    }
+
+    #[test]
+    fn a_tcp_check_of_a_port_nobody_listens_on_fails() {
+        // Bound but not listening: refused, and no other test can take the port meanwhile.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        assert!(!tcp_check(port, Duration::from_millis(200)));
+        assert!(!http_check(port, "/healthz", Duration::from_millis(200)));
     }
 }
