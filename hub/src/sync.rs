@@ -303,6 +303,9 @@ impl Applier {
                     info!(device, seq = report.seq, "a report is missing: asking the device for a full report");
                     out.full_report_commands.push((device.to_string(), id));
                 }
+                if site.is_none() && report.full && outcome == ReportOutcome::Applied && self.lags(device, report)? {
+                    out.desired.insert(device.to_string());
+                }
             }
             Upward::Events(batch) => {
                 self.follow_epoch(device, batch.epoch, now, out)?;
@@ -396,6 +399,18 @@ impl Applier {
         })?;
         out.site_acks.insert(site.to_string());
         Ok(())
+    }
+
+    /// Whether a device's full report (an agent started afresh sends one)
+    /// shows it behind its desired state, which it did not refuse: it
+    /// received it and could not store it (a full disk), and the broker,
+    /// which delivered it to the session already, does not send it again.
+    /// One message per agent start at most: a device that merely lags is
+    /// not sent its desired state again.
+    fn lags(&self, device: &str, report: &Report) -> Result<bool, StoreError> {
+        let Some(desired) = self.store.desired(device)?.map(|state| state.generation) else { return Ok(false) };
+        let refused = self.store.device(device)?.and_then(|d| d.refused).map(|r| r.generation);
+        Ok(report.generation.unwrap_or(0) < desired && refused != Some(desired))
     }
 
     fn follow_epoch(&self, device: &str, epoch: u64, now: u64, out: &mut Outgoing) -> Result<(), StoreError> {

@@ -119,6 +119,34 @@ async fn duplicate_reports_and_events_are_stored_once_and_acknowledged() {
 }
 
 #[tokio::test]
+async fn an_agent_started_behind_a_desired_state_it_could_not_store_is_sent_it_again_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(config(dir.path())).await;
+    hub.set_generation("pump-3", 1).await;
+    let mut pump3 = DeviceSimulator::connect(hub.mqtt, "pump-3", token("pump-3")).await;
+    pump3.desired(1).await;
+    pump3.report(&report(1, true, 1, &[("web", "running")], &[])).await;
+    hub.set_generation("pump-3", 2).await;
+    pump3.desired(2).await;
+    // Its disk was full: generation 2 not stored. A delta that says so is no reason to send it again.
+    pump3.report(&report(2, false, 1, &[("web", "backoff")], &[])).await;
+    pump3.ack(2, 0).await;
+    pump3.cut();
+
+    // The agent starts again (its service manager restarts it) on the same
+    // session: the broker delivered generation 2 to it already.
+    let mut pump3 = DeviceSimulator::connect(hub.mqtt, "pump-3", token("pump-3")).await;
+    pump3.report(&report(3, true, 1, &[("web", "running")], &[])).await;
+    pump3.desired(2).await;
+    // Stored now: its next full report is level with the hub, and nothing more comes.
+    pump3.report(&report(4, true, 2, &[("web", "running")], &[])).await;
+    pump3.ack(4, 0).await;
+    let again = pump3.drain().into_iter().filter(|m| matches!(m, FromHub::Desired(_))).count();
+    assert_eq!(again, 0, "the desired state was sent again to a device level with it");
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn a_restarted_hub_publishes_desired_states_and_acks_again_from_its_store() {
     let dir = tempfile::tempdir().unwrap();
     let first = TestHub::start(config(dir.path())).await;
