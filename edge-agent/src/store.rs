@@ -47,6 +47,11 @@ const SNAPSHOT_FILE: &str = "desired.json";
 const TRUSTED_ROOT_KEY: &[u8] = b"root";
 const VERSIONS_KEY: &[u8] = b"versions";
 
+/// Room sled needs to open a store: it writes a snapshot and may start a log
+/// segment. An open on a full disk can leave an empty snapshot behind, which
+/// the next open reads as a corrupt store (the chaos hw-test found it).
+const MIN_FREE_TO_OPEN: u64 = 2 << 20;
+
 /// sled lets go of its file lock a moment after a `Db` is dropped (sled issue
 /// 1234): an open in that moment is retried this often, this far apart. A
 /// store held by another running agent stays locked far longer.
@@ -57,6 +62,13 @@ const LOCK_RETRY_DELAY: Duration = Duration::from_millis(50);
 pub enum StoreError {
     #[error("the store at {dir} is in use by another edge-agent process: stop that one first")]
     Locked { dir: PathBuf },
+
+    #[error(
+        "the filesystem holding the store at {dir} has {free_kib} KiB free, and opening the store writes to it: \
+         not opened, so that the store is not damaged; make room (`edge-agent gc` removes unused images), then \
+         start the agent again"
+    )]
+    DiskFull { dir: PathBuf, free_kib: u64 },
 
     #[error("cannot open the store at {dir}: {source}")]
     Open { dir: PathBuf, source: sled::Error },
@@ -153,6 +165,9 @@ impl Store {
     /// and a fresh one gets the desired state from the snapshot.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<(Store, Option<Recovered>), StoreError> {
         let snapshot = dir.with_file_name(SNAPSHOT_FILE);
+        if let Some(free) = free_bytes(dir).filter(|free| *free < MIN_FREE_TO_OPEN) {
+            return Err(StoreError::DiskFull { dir: dir.to_path_buf(), free_kib: free >> 10 });
+        }
         let reason = match open_db(dir, cache_bytes) {
             Ok(db) => {
                 let mut store = Store::with_db(db, snapshot.clone())?;
@@ -619,6 +634,16 @@ impl Numbered {
 
 fn seq_of(key: &[u8]) -> u64 {
     u64::from_be_bytes(key.try_into().unwrap_or([0; 8]))
+}
+
+/// Bytes free to this process on the filesystem `path` is (or would be) on;
+/// None when that cannot be told.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let stat = nix::sys::statvfs::statvfs(existing).ok()?;
+    // u32 on 32-bit targets (armv7).
+    #[allow(clippy::useless_conversion)]
+    Some(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))
 }
 
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, OpenFailure> {

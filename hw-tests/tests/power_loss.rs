@@ -342,8 +342,9 @@ fn agent_started_after_a_power_cut_mid_write_runs_the_last_state_it_acknowledged
 
 /// A full disk: sled refuses every write after its first I/O error, also
 /// once the disk has room again, so the agent stops (its service manager
-/// starts it again) and its workload runs on meanwhile; started with room,
-/// it takes the state it could not store before.
+/// starts it again) and its workload runs on meanwhile; it does not open its
+/// store on the full disk (sled could damage it); started with room, it
+/// takes the state it could not store before.
 #[test]
 fn an_agent_whose_disk_fills_stops_with_its_workload_running_and_started_with_room_takes_the_next_state() {
     let device = Device::new();
@@ -367,9 +368,16 @@ fn an_agent_whose_disk_fills_stops_with_its_workload_running_and_started_with_ro
         "generation 1's workload ({cmdline}) stopped with the agent"
     );
 
+    // Its service manager starts it again at once: on the full disk it does not open the store.
+    let again = device.agent.command().arg("daemon").output().unwrap();
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && said.contains("KiB free"), "the agent started on a full disk: {said}");
+
     filler.free();
     device.agent.start_daemon();
     device.apply(2).unwrap_or_else(|e| panic!("generation 2 with room on the disk: {e}"));
+    let log = device.agent.daemon_log();
+    assert!(!log.contains("is corrupt"), "the store was found corrupt after the full disk:\n{log}");
     assert_eq!(settled(&device.agent, 2).0, 2);
     let applied: Vec<u64> = device
         .agent

@@ -160,10 +160,15 @@ pub fn delivery(agent: &Agent, hub: &Hub, device: &str) -> anyhow::Result<Delive
 
 /// The process's resident memory (KiB); 0 once it is gone.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A KiB figure of /proc/PID/status (`VmRSS`, `RssAnon`, `RssFile`); 0 when the process is gone.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
         .unwrap_or(0)
 }

@@ -30,7 +30,8 @@ use testkit::constrained::Constrained;
 use testkit::hub::Hub;
 use testkit::image::{build_oci_layout, busybox_config, busybox_rootfs, Layer};
 use testkit::soak::{
-    churn, delivery, document, process_start, rss_kib, same_view, steady, wait_generation, wait_running, workload,
+    churn, delivery, document, process_start, rss_kib, same_view, status_kib, steady, wait_generation, wait_running,
+    workload,
 };
 
 const DEVICE: &str = "soak-1";
@@ -121,20 +122,28 @@ fn main() -> anyhow::Result<()> {
     wait_running(&hub, DEVICE, generation, 10, Duration::from_secs(120))?;
     let soak_started = Instant::now();
     let mut per_minute: Vec<Vec<u64>> = Vec::new();
+    let (mut anon_per_minute, mut file_per_minute) = (Vec::new(), Vec::new());
     while soak_started.elapsed() < Duration::from_secs(minutes * 60) {
         let samples = sample(pid, Duration::from_secs(60), Duration::from_secs(1));
         if samples.is_empty() || process_start(pid) != started {
             bail!("the agent daemon is gone after {:?}:\n{}", soak_started.elapsed(), agent.daemon_log());
         }
+        // Anonymous memory (heap, stacks) is what a leak grows; file pages
+        // are the binary's code as it is first run, shared and reclaimable.
+        let (anon, file) = (status_kib(pid, "RssAnon"), status_kib(pid, "RssFile"));
         println!(
-            "minute {:>3}: VmRSS min {:.1} median {:.1} max {:.1} MiB; oom kills {}",
+            "minute {:>3}: VmRSS min {:.1} median {:.1} max {:.1} MiB (anon {:.1}, file {:.1}); oom kills {}",
             per_minute.len() + 1,
             mib(*samples.iter().min().unwrap()),
             mib(median(&samples)),
             mib(max(&samples)),
+            mib(anon),
+            mib(file),
             cgroup.oom_kills()
         );
         per_minute.push(samples);
+        anon_per_minute.push(anon);
+        file_per_minute.push(file);
         if !quiet {
             generation += 1;
             hub.set_desired(DEVICE, &document(generation, &workloads(generation)));
@@ -158,6 +167,16 @@ fn main() -> anyhow::Result<()> {
     println!("| agent VmRSS, first minute of the soak (median) | {:.1} MiB | |", mib(first));
     println!("| agent VmRSS, last minute of the soak (median) | {:.1} MiB | flat |", mib(last));
     println!("| agent VmRSS, whole soak (max) | {:.1} MiB | |", mib(per_minute.iter().map(|m| max(m)).max().unwrap()));
+    println!(
+        "| agent RssAnon (heap, stacks), end of first / last minute | {:.1} / {:.1} MiB | flat |",
+        mib(anon_per_minute[0]),
+        mib(*anon_per_minute.last().unwrap())
+    );
+    println!(
+        "| agent RssFile (its code as first run), end of first / last minute | {:.1} / {:.1} MiB | |",
+        mib(file_per_minute[0]),
+        mib(*file_per_minute.last().unwrap())
+    );
     println!(
         "| cgroup peak (agent and shims, page cache included) | {:.1} MiB | 64 MiB limit |",
         cgroup.peak_bytes() as f64 / (1 << 20) as f64
