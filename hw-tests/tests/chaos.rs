@@ -551,8 +551,6 @@ fn check_stores_and_events(world: &World) {
 }
 
 #[test]
-#[ignore = "known failures, issue 8: seed 621178364 loses pi-1's event 8 at the cloud, seed 745622617 leaves pi-1 \
-            on revision 3 while the cloud sees 2; run with -- --ignored"]
 fn a_fleet_under_random_faults_converges_on_the_final_revision_with_every_report_once() {
     testkit::chaos::require_tools();
     let seed = testkit::chaos::seed_from_env();
