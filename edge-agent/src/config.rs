@@ -81,7 +81,7 @@ impl Default for Config {
             log_files: 3,
             insecure_registries: Vec::new(),
             registry_mirror: String::new(),
-            store_cache: ByteSize(4 << 20),
+            store_cache: ByteSize(512 << 10),
             reconcile_interval: Duration::from_secs(2),
             trust_root: "/etc/outpost/root.json".into(),
             hub_http: String::new(),
