@@ -423,15 +423,17 @@ impl Link<'_> {
         let store = self.store.clone();
         let after = self.sent_events;
         let Some((oldest_held, events)) = blocking(move || {
-            Ok::<_, crate::store::StoreError>((store.oldest_event()?, store.events_after(after, EVENTS_PER_BATCH * 10)?))
+            Ok::<_, crate::store::StoreError>((
+                store.oldest_event()?,
+                store.events_after(after, EVENTS_PER_BATCH * 10)?,
+            ))
         })
         .await
         else {
             return;
         };
         for batch in events.chunks(EVENTS_PER_BATCH) {
-            let message =
-                EventBatch { v: PROTOCOL_VERSION, epoch: self.epoch, events: batch.to_vec(), oldest_held };
+            let message = EventBatch { v: PROTOCOL_VERSION, epoch: self.epoch, events: batch.to_vec(), oldest_held };
             // The hub stores events above the newest it has: a later batch
             // sent past one that did not fit would make it skip that one.
             if !self.publish(Channel::Events, encode(self.settings.encoding, &message), false) {

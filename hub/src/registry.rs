@@ -136,7 +136,8 @@ pub fn store_events(store: &Store, id: &str, batch: &EventBatch, now: u64) -> Re
         newest = event.seq;
         taken.push(event.clone());
     }
-    let stored: Vec<_> = taken.iter().map(|event| Event { seq: offset.saturating_add(event.seq), ..event.clone() }).collect();
+    let stored: Vec<_> =
+        taken.iter().map(|event| Event { seq: offset.saturating_add(event.seq), ..event.clone() }).collect();
     // Events first: if the hub stops in between, the device sends them
     // again and storing one twice keeps one copy.
     store.put_events(id, &stored)?;
