@@ -78,8 +78,7 @@ impl Core {
         }
         let state = match self.store.effective() {
             Ok(Some(state)) if !self.store.failed() => state,
-            Ok(Some(_)) => return false,
-            Ok(None) => return false,
+            Ok(_) => return false,
             Err(e) => {
                 tracing::error!("cannot read the desired state: {e}");
                 self.store_failed = true;

@@ -434,8 +434,8 @@ impl Link<'_> {
         };
         for batch in events.chunks(EVENTS_PER_BATCH) {
             let message = EventBatch { v: PROTOCOL_VERSION, epoch: self.epoch, events: batch.to_vec(), oldest_held };
-            // The hub stores events above the newest it has: a later batch
-            // sent past one that did not fit would make it skip that one.
+            // In order or not at all: the hub refuses a batch that jumps
+            // over events this device still holds (docs/protocol.md).
             if !self.publish(Channel::Events, encode(self.settings.encoding, &message), false) {
                 return;
             }
