@@ -52,6 +52,15 @@ const VERSIONS_KEY: &[u8] = b"versions";
 /// the next open reads as a corrupt store (the chaos hw-test found it).
 const MIN_FREE_TO_OPEN: u64 = 2 << 20;
 
+/// sled's log segment for new stores. sled writes its log through an
+/// in-memory buffer of one segment, touched as the log advances: at the
+/// agent's pace its default (512 KiB) made the daemon's memory grow for most
+/// of an hour, this one for a few minutes (docs/benchmarks.md). Values over a
+/// quarter of it go to files of their own (sled's blobs).
+const SEGMENT_SIZE: usize = 64 << 10;
+/// What every store created before SEGMENT_SIZE uses.
+const SLED_DEFAULT_SEGMENT_SIZE: usize = 512 << 10;
+
 /// sled lets go of its file lock a moment after a `Db` is dropped (sled issue
 /// 1234): an open in that moment is retried this often, this far apart. A
 /// store held by another running agent stays locked far longer.
@@ -70,6 +79,10 @@ pub enum StoreError {
     )]
     DiskFull { dir: PathBuf, free_kib: u64 },
 
+    #[error(
+        "cannot make the store's settings at {dir}/conf durable ({source}): check the disk, then start the agent again"
+    )]
+    SyncConf { dir: PathBuf, source: std::io::Error },
     #[error("cannot open the store at {dir}: {source}")]
     Open { dir: PathBuf, source: sled::Error },
 
@@ -647,17 +660,48 @@ fn free_bytes(path: &Path) -> Option<u64> {
 }
 
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, OpenFailure> {
-    let config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
+    let config = sled::Config::new().path(dir).cache_capacity(cache_bytes).segment_size(segment_size(dir));
     let mut attempt = 1;
-    loop {
+    let db = loop {
         match config.open() {
             Err(sled::Error::Io(e)) if is_lock_error(&e) && attempt < LOCK_ATTEMPTS => {
                 attempt += 1;
                 std::thread::sleep(LOCK_RETRY_DELAY);
             }
-            result => return result.map_err(|e| classify_open_error(dir, e)),
+            result => break result.map_err(|e| classify_open_error(dir, e))?,
         }
+    };
+    // sled writes `conf` without an fsync, and the segment size in it is what
+    // the log must be read with: make it durable before anything is stored.
+    sync_conf(dir).map_err(|source| OpenFailure::Other(StoreError::SyncConf { dir: dir.to_path_buf(), source }))?;
+    Ok(db)
+}
+
+/// The segment size to open `dir` with: sled refuses any but the one a store
+/// was created with, which its `conf` records. A store with a log and no
+/// readable `conf` is from before SEGMENT_SIZE, which used sled's default.
+fn segment_size(dir: &Path) -> usize {
+    if let Some(recorded) = std::fs::read(dir.join("conf")).ok().and_then(|conf| recorded_segment_size(&conf)) {
+        return recorded;
     }
+    let has_log = std::fs::metadata(dir.join("db")).is_ok_and(|db| db.len() > 0);
+    if has_log {
+        SLED_DEFAULT_SEGMENT_SIZE
+    } else {
+        SEGMENT_SIZE
+    }
+}
+
+/// The `segment_size: N` line of a sled `conf` (its text precedes a CRC).
+fn recorded_segment_size(conf: &[u8]) -> Option<usize> {
+    conf.split(|b| *b == b'\n')
+        .find_map(|line| line.strip_prefix(b"segment_size: "))
+        .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+}
+
+fn sync_conf(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir.join("conf"))?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn classify_open_error(dir: &Path, e: sled::Error) -> OpenFailure {
@@ -1031,6 +1075,71 @@ mod tests {
         assert_eq!(store.schema_version().unwrap(), Some(2));
         assert_eq!(store.desired().unwrap(), Some(state(3, &[("app", 2)])));
         assert_ne!(store.epoch(), 0);
+    }
+
+    fn recorded(path: &Path) -> Option<usize> {
+        recorded_segment_size(&std::fs::read(path.join("conf")).unwrap())
+    }
+
+    #[test]
+    fn a_new_store_is_made_with_small_log_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        open(&path);
+        assert_eq!(recorded(&path), Some(SEGMENT_SIZE));
+        assert_eq!(recorded(&path), Some(64 << 10));
+    }
+
+    fn store_from_before_small_segments(path: &Path) {
+        let db = sled::open(path).unwrap();
+        db.open_tree("desired").unwrap().insert(CURRENT_KEY, encode(&state(3, &[("app", 2)]))).unwrap();
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn a_store_from_before_small_segments_opens_with_its_own_and_keeps_its_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        store_from_before_small_segments(&path);
+        assert_eq!(recorded(&path), Some(SLED_DEFAULT_SEGMENT_SIZE));
+
+        let store = open(&path);
+        assert_eq!(store.desired().unwrap(), Some(state(3, &[("app", 2)])));
+        assert_eq!(recorded(&path), Some(SLED_DEFAULT_SEGMENT_SIZE));
+    }
+
+    #[test]
+    fn a_store_from_before_small_segments_that_lost_its_conf_in_a_power_cut_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        store_from_before_small_segments(&path);
+        std::fs::remove_file(path.join("conf")).unwrap();
+
+        let store = open(&path);
+        assert_eq!(store.desired().unwrap(), Some(state(3, &[("app", 2)])));
+        assert_eq!(recorded(&path), Some(SLED_DEFAULT_SEGMENT_SIZE));
+    }
+
+    #[test]
+    fn a_desired_state_over_a_quarter_segment_is_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let names: Vec<String> = (0..400).map(|i| format!("deployment-with-a-long-name-{i}")).collect();
+        let big = state(2, &names.iter().map(|n| (n.as_str(), 1)).collect::<Vec<_>>());
+        assert!(encode(&big).len() > SEGMENT_SIZE / 4, "the state must go to a blob");
+        open(&path).set_desired(&big).unwrap();
+        assert!(std::fs::read_dir(path.join("blobs")).unwrap().count() > 0, "sled keeps it in a blob file");
+        assert_eq!(open(&path).desired().unwrap(), Some(big));
+    }
+
+    #[test]
+    fn the_segment_size_is_read_from_a_conf_ending_in_its_checksum() {
+        assert_eq!(
+            recorded_segment_size(b"segment_size: 65536\nuse_compression: false\nversion: 0.34\nv\x19Q\xfe"),
+            Some(65536)
+        );
+        assert_eq!(recorded_segment_size(b"use_compression: false\n"), None);
+        assert_eq!(recorded_segment_size(b"segment_size: x\n"), None);
     }
 
     #[test]

@@ -318,16 +318,12 @@ fn agent_started_after_a_power_cut_mid_write_runs_the_last_state_it_acknowledged
             applied.iter().all(|g| *g <= running),
             "cut {cut}: the device runs {running} though it recorded applying {applied:?}"
         );
-        // sled 0.34 writes its `conf` without an fsync: after a cut it can be
-        // empty, which sled reads as absent and writes again (a warning).
+        // sled writes its `conf` (the log's segment size) without an fsync;
+        // the agent syncs it when it opens the store, so no cut empties it.
         let log = device.agent.daemon_log();
         let boot = log.get(log_start..).unwrap_or(&log);
-        let corrupt: Vec<&str> =
-            boot.lines().filter(|l| l.contains("corrupt") && !l.contains("empty/corrupt configuration file")).collect();
+        let corrupt: Vec<&str> = boot.lines().filter(|l| l.contains("corrupt")).collect();
         assert!(corrupt.is_empty(), "cut {cut}: the agent reported its store corrupt: {corrupt:#?}\nfsck:\n{fsck}");
-        if boot.contains("empty/corrupt configuration file") {
-            println!("cut {cut}: sled found its `conf` empty and wrote it again");
-        }
     }
 
     assert!(mid_apply > 0, "no cut came while an apply was on its way: the test did not test a cut mid-write");

@@ -132,12 +132,12 @@ fn main() -> anyhow::Result<()> {
         // are the binary's code as it is first run, shared and reclaimable.
         let (anon, file) = (status_kib(pid, "RssAnon"), status_kib(pid, "RssFile"));
         println!(
-            "minute {:>3}: VmRSS min {:.1} median {:.1} max {:.1} MiB (anon {:.1}, file {:.1}); oom kills {}",
+            "minute {:>3}: VmRSS min {:.1} median {:.1} max {:.1} MiB (anon {} KiB, file {:.1} MiB); oom kills {}",
             per_minute.len() + 1,
             mib(*samples.iter().min().unwrap()),
             mib(median(&samples)),
             mib(max(&samples)),
-            mib(anon),
+            anon,
             mib(file),
             cgroup.oom_kills()
         );
