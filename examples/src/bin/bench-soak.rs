@@ -168,9 +168,9 @@ fn main() -> anyhow::Result<()> {
     println!("| agent VmRSS, last minute of the soak (median) | {:.1} MiB | flat |", mib(last));
     println!("| agent VmRSS, whole soak (max) | {:.1} MiB | |", mib(per_minute.iter().map(|m| max(m)).max().unwrap()));
     println!(
-        "| agent RssAnon (heap, stacks), end of first / last minute | {:.1} / {:.1} MiB | flat |",
-        mib(anon_per_minute[0]),
-        mib(*anon_per_minute.last().unwrap())
+        "| agent RssAnon (heap, stacks), end of first / last minute | {} / {} KiB | flat |",
+        anon_per_minute[0],
+        anon_per_minute.last().unwrap()
     );
     println!(
         "| agent RssFile (its code as first run), end of first / last minute | {:.1} / {:.1} MiB | |",
