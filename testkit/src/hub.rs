@@ -37,12 +37,19 @@ pub struct Hub {
 impl Hub {
     /// A hub whose embedded broker knows `devices` (id, token).
     pub fn new(devices: &[(&str, &str)]) -> Self {
+        Self::new_in(&std::env::temp_dir(), devices)
+    }
+
+    /// `new`, with its data dir (store, configuration, log) made in `parent`.
+    pub fn new_in(parent: &Path, devices: &[(&str, &str)]) -> Self {
         let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut broker = format!("broker = \"embedded\"\nmqtt-listen = \"{mqtt}\"\n[devices]\n");
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut config = format!("http = \"{http}\"\nbroker = \"embedded\"\nmqtt-listen = \"{mqtt}\"\n[devices]\n");
         for (id, token) in devices {
-            broker += &format!("{id} = \"{token}\"\n");
+            config += &format!("{id} = \"{token}\"\n");
         }
-        Self::start_with(mqtt, &broker)
+        let data = tempfile::Builder::new().prefix("outpost-hub-").tempdir_in(parent).expect("temp dir");
+        Self::configured_in(data, None, http, mqtt, &config)
     }
 
     /// A hub that also takes devices with certificates over TLS on `mqtts`
@@ -82,6 +89,10 @@ impl Hub {
     /// at `http` and devices connect at `mqtt`, as seen from the test.
     pub fn configured(netns: Option<&str>, http: SocketAddr, mqtt: SocketAddr, config: &str) -> Self {
         let data = tempfile::Builder::new().prefix("outpost-hub-").tempdir().expect("temp dir");
+        Self::configured_in(data, netns, http, mqtt, config)
+    }
+
+    fn configured_in(data: TempDir, netns: Option<&str>, http: SocketAddr, mqtt: SocketAddr, config: &str) -> Self {
         let config = format!("data-dir = {:?}\n{config}", data.path().join("store"));
         let path = data.path().join("hub.toml");
         std::fs::write(&path, config).unwrap();
