@@ -235,12 +235,22 @@ impl Hub {
             registries: rollout::pin::Registries { insecure: self.config.insecure_registries.clone() },
             site_hub: self.config.upstream.as_ref().map(|u| u.site.clone()),
         };
+        let parent_ca = match self.config.upstream.as_ref().and_then(|u| u.tls.as_ref()) {
+            Some(tls) => Some(oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Pem,
+                data: std::fs::read(&tls.ca)
+                    .with_context(|| format!("cannot read [upstream.tls] ca {}", tls.ca.display()))?,
+            }),
+            None => None,
+        };
         let mirror = artifacts::Mirror::new(
             self.cache.clone(),
             self.config.cache.clone(),
             self.config.insecure_registries.clone(),
             self.config.upstream.as_ref().and_then(|u| u.http.clone()),
-        );
+            parent_ca,
+        )
+        .context("[upstream.tls] ca is not a PEM certificate: the parent's `hub ca` prints the right one")?;
         // The site cache's and enrollment's routes are their own; every other
         // path falls to the API's "no endpoint".
         let app = api::router(self.store.clone(), publisher, logs, engine, admission, api_upward)

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{Certificate, ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -80,24 +80,28 @@ impl Mirror {
         config: CacheConfig,
         mut insecure_registries: Vec<String>,
         parent: Option<String>,
-    ) -> Arc<Self> {
+        parent_ca: Option<Certificate>,
+    ) -> Result<Arc<Self>, reqwest::Error> {
         let parent = parent.map(|p| p.trim_end_matches('/').to_string());
         // The parent's mirror is a registry too, spoken to as its URL says.
         if let Some(host) = parent.as_deref().and_then(|p| p.strip_prefix("http://")) {
             insecure_registries.push(host.to_string());
         }
+        let mut http = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).read_timeout(READ_TIMEOUT);
+        // A parent at https:// shows a certificate of its own CA, which
+        // the site knows from `[upstream.tls]`: for blobs, artifacts and manifests alike.
+        if let Some(ca) = &parent_ca {
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(&ca.data)?);
+        }
         let client = Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(insecure_registries),
             connect_timeout: Some(CONNECT_TIMEOUT),
             read_timeout: Some(READ_TIMEOUT),
+            extra_root_certificates: parent_ca.into_iter().collect(),
             ..Default::default()
         });
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
-            .build()
-            .expect("a default HTTP client builds");
-        Arc::new(Self { cache, client, http, config, parent, inflight: Mutex::new(HashMap::new()) })
+        let http = http.build()?;
+        Ok(Arc::new(Self { cache, client, http, config, parent, inflight: Mutex::new(HashMap::new()) }))
     }
 
     pub fn cache(&self) -> &Cache {

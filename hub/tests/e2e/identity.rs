@@ -182,7 +182,7 @@ async fn a_certificate_used_under_another_client_id_or_signed_by_another_ca_is_r
 }
 
 #[tokio::test]
-async fn a_site_hub_enrolled_at_its_parent_syncs_over_mqtts_with_its_certificate_and_no_token() {
+async fn a_site_hub_enrolled_at_its_parent_syncs_over_mqtts_and_fetches_over_https_with_its_certificate_and_no_token() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = TlsHub::start_with(hub::Config {
         sites: [("rig-7".to_string(), "unused-token".to_string())].into(),
@@ -198,7 +198,7 @@ async fn a_site_hub_enrolled_at_its_parent_syncs_over_mqtts_with_its_certificate
         mqtt: hub::BrokerSetting::External { host: "127.0.0.1".into(), port: cloud.mqtts.port() },
         site: "rig-7".into(),
         token: String::new(),
-        http: None,
+        http: Some(cloud.api.clone()),
         tls: Some(hub::config::UpstreamTls { ca: paths.ca.clone(), cert: paths.cert.clone(), key: paths.key.clone() }),
     };
     let site = TestHub::start(hub::Config { upstream: Some(upstream), ..config(&dir.path().join("site")) }).await;
@@ -215,6 +215,18 @@ async fn a_site_hub_enrolled_at_its_parent_syncs_over_mqtts_with_its_certificate
     })
     .await;
     assert!(found.is_some(), "the site's device never reached the cloud over mqtts");
+
+    // An artifact only the cloud has comes down to the site over HTTPS,
+    // the cloud's certificate checked against the CA the site enrolled with.
+    let artifact = b"an update bundle only the cloud has".to_vec();
+    let digest = ota::Digest::of(&artifact);
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cloud.ca).unwrap()).unwrap();
+    let operator = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
+    let put = operator.put(format!("{}/v1/artifacts/{digest}", cloud.api)).body(artifact.clone()).send().await.unwrap();
+    assert!(put.status().is_success(), "the cloud took the artifact: {}", put.status());
+    let fetched = reqwest::get(format!("{}/v1/artifacts/{digest}", site.api)).await.unwrap();
+    assert_eq!(fetched.status(), 200, "the site fetched it from the cloud over https");
+    assert_eq!(fetched.bytes().await.unwrap().as_ref(), artifact.as_slice());
     site.stop().await;
     cloud.stop().await;
 }
