@@ -258,6 +258,36 @@ fn a_root_rotated_by_old_and_new_thresholds_is_accepted_and_its_new_keys_trusted
     assert!(matches!(err, VerifyError::Threshold { role: RoleType::Targets, valid: 0, .. }), "{err}");
 }
 
+/// A stolen timestamp key that signed a huge version would lock devices out
+/// for good; a root rotating the timestamp key lets them start over, and
+/// only then (TUF's fast-forward recovery).
+#[test]
+fn a_timestamp_version_inflated_by_a_stolen_key_is_recovered_by_rotating_the_timestamp_key_only() {
+    let mut repo = Repo::new();
+    let inflated = Versions { root: 1, timestamp: 1_000_000, snapshot: 1, targets: 1 };
+    let rotate = |repo: &Repo, timestamp_key: &SigningKey| {
+        let root = Repo::root_for(2, &repo.root_keys, &repo.targets_keys, &repo.snapshot_key, timestamp_key);
+        let mut rotated = Signed::new(root);
+        resign(&mut rotated, &repo.root_keys[..2]);
+        let mut state = TrustedState::new(&repo.root.to_json().unwrap(), inflated).unwrap();
+        state.update_root(&rotated.to_json().unwrap()).unwrap();
+        (rotated, state)
+    };
+
+    // A rotation that keeps the timestamp key keeps the stored version.
+    let (_, mut state) = rotate(&repo, &repo.timestamp_key);
+    let err = state.update_timestamp(&repo.timestamp.to_json().unwrap(), now()).unwrap_err();
+    assert!(matches!(err, VerifyError::Rollback { role: RoleType::Timestamp, trusted: 1_000_000, .. }), "{err}");
+
+    let new_timestamp_key = key();
+    let (rotated, mut state) = rotate(&repo, &new_timestamp_key);
+    repo.root = rotated;
+    repo.timestamp_key = new_timestamp_key;
+    repo.publish();
+    state.update_timestamp(&repo.timestamp.to_json().unwrap(), now()).unwrap();
+    assert_eq!(state.versions().timestamp, 1);
+}
+
 #[test]
 fn a_rotated_root_not_signed_by_the_old_root_threshold_is_refused() {
     let repo = Repo::new();
