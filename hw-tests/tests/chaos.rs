@@ -322,9 +322,10 @@ fn chaos(world: &World, rng: &mut Rng, length: Duration, start: Instant) {
             if begin.elapsed() >= at {
                 due.remove(0);
                 // Whatever the schedule, one revision arrives at a device
-                // whose disk is full, while its agent runs.
+                // whose disk is full, while its agent runs (an agent that
+                // does not start stays down, to be tried again).
                 if n == DISK_FULL_REVISION {
-                    active.retain(|(f, _)| *f != Fault::AgentDown(0) || end(world, *f));
+                    active.retain(|(f, _)| *f != Fault::AgentDown(0) || !end(world, *f));
                     if !active.iter().any(|(f, _)| *f == Fault::DiskFull) {
                         say("begin DiskFull for 15.0s, over the next revision".into());
                         begin_fault(world, Fault::DiskFull);
