@@ -43,20 +43,19 @@ impl Hub {
     /// `new`, with its data dir (store, configuration, log) made in `parent`.
     pub fn new_in(parent: &Path, devices: &[(&str, &str)]) -> Self {
         let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut config = format!("http = \"{http}\"\nbroker = \"embedded\"\nmqtt-listen = \"{mqtt}\"\n[devices]\n");
+        let mut broker = format!("broker = \"embedded\"\nmqtt-listen = \"{mqtt}\"\n[devices]\n");
         for (id, token) in devices {
-            config += &format!("{id} = \"{token}\"\n");
+            broker += &format!("{id} = \"{token}\"\n");
         }
-        let data = tempfile::Builder::new().prefix("outpost-hub-").tempdir_in(parent).expect("temp dir");
-        Self::configured_in(data, None, http, mqtt, &config)
+        Self::start_in(parent, mqtt, &broker)
     }
 
     /// A hub that also takes devices with certificates over TLS on `mqtts`
     /// and their enrollments over HTTPS on `enroll` (docs/identity.md).
     pub fn with_tls(mqtts: SocketAddr, enroll: SocketAddr) -> Self {
         let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self::start_with(
+        Self::start_in(
+            &std::env::temp_dir(),
             mqtt,
             &format!(
                 "broker = \"embedded\"\nmqtt-listen = \"{mqtt}\"\nmqtts-listen = \"{mqtts}\"\nenroll-listen = \"{enroll}\"\n"
@@ -72,16 +71,19 @@ impl Hub {
     /// A hub that logs in to the broker at `broker` as `username`; that
     /// broker authenticates the devices itself.
     pub fn external(broker: SocketAddr, username: &str, password: &str) -> Self {
-        Self::start_with(
+        Self::start_in(
+            &std::env::temp_dir(),
             broker,
             &format!("broker = \"mqtt://{broker}\"\nbroker-username = {username:?}\nbroker-password = {password:?}\n"),
         )
     }
 
-    /// Writes the configuration, `broker` its broker's part, and starts the hub.
-    fn start_with(mqtt: SocketAddr, broker: &str) -> Self {
+    /// Writes the configuration, `broker` its broker's part, and starts the
+    /// hub with its data dir in `parent`.
+    fn start_in(parent: &Path, mqtt: SocketAddr, broker: &str) -> Self {
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self::configured(None, http, mqtt, &format!("http = \"{http}\"\n{broker}"))
+        let data = tempfile::Builder::new().prefix("outpost-hub-").tempdir_in(parent).expect("temp dir");
+        Self::configured_in(data, None, http, mqtt, &format!("http = \"{http}\"\n{broker}"))
     }
 
     /// A hub with the configuration `config` (everything but `data-dir`),
