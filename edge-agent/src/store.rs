@@ -79,6 +79,10 @@ pub enum StoreError {
     )]
     DiskFull { dir: PathBuf, free_kib: u64 },
 
+    #[error(
+        "cannot make the store's settings at {dir}/conf durable ({source}): check the disk, then start the agent again"
+    )]
+    SyncConf { dir: PathBuf, source: std::io::Error },
     #[error("cannot open the store at {dir}: {source}")]
     Open { dir: PathBuf, source: sled::Error },
 
@@ -145,6 +149,8 @@ pub struct Rollback {
 
 pub struct Store {
     db: sled::Db,
+    /// The store's directory, for `flush`'s fsyncs.
+    dir: PathBuf,
     meta: sled::Tree,
     desired: sled::Tree,
     previous: sled::Tree,
@@ -179,7 +185,7 @@ impl Store {
         }
         let reason = match open_db(dir, cache_bytes) {
             Ok(db) => {
-                let mut store = Store::with_db(db, snapshot.clone())?;
+                let mut store = Store::with_db(db, dir, snapshot.clone())?;
                 let version = store.schema_version();
                 // Before anything else: a newer agent's store must survive a downgrade untouched.
                 if let Ok(Some(found)) = version {
@@ -211,7 +217,7 @@ impl Store {
         Ok((store, Some(recovered)))
     }
 
-    fn with_db(db: sled::Db, snapshot: PathBuf) -> Result<Store, StoreError> {
+    fn with_db(db: sled::Db, dir: &Path, snapshot: PathBuf) -> Result<Store, StoreError> {
         let meta = db.open_tree("meta")?;
         Ok(Store {
             reports: Numbered::open(&meta, db.open_tree("reports")?, LAST_REPORT_SEQ_KEY, "report number")?,
@@ -223,6 +229,7 @@ impl Store {
             confirmed: db.open_tree("confirmed")?,
             trust: db.open_tree("trust")?,
             db,
+            dir: dir.to_path_buf(),
             snapshot,
             epoch: 0,
             failed: AtomicBool::new(false),
@@ -264,7 +271,7 @@ impl Store {
             OpenFailure::Corrupt(source) => StoreError::Open { dir: dir.to_path_buf(), source },
             OpenFailure::Other(e) => e,
         })?;
-        let mut store = Store::with_db(db, snapshot.to_path_buf())?;
+        let mut store = Store::with_db(db, dir, snapshot.to_path_buf())?;
         // A new epoch: the hub counts this store's numbers afresh, apart from the lost one's.
         store.migrate()?;
         if let Some(state) = &state {
@@ -301,7 +308,7 @@ impl Store {
             }
             self.meta.insert(SCHEMA_VERSION_KEY, encode(&(version + 1)))?;
         }
-        self.db.flush()?;
+        self.flush()?;
         self.epoch = match self.meta.get(EPOCH_KEY)? {
             Some(bytes) => decode("epoch", &bytes)?,
             None => return Err(StoreError::Decode { what: "epoch", detail: "it is missing".into() }),
@@ -337,7 +344,7 @@ impl Store {
                     Ok::<_, ConflictableTransactionError<StoreError>>(())
                 })
                 .map_err(transaction_error)?;
-            self.trust.flush()?;
+            self.flush()?;
             Ok(())
         })
     }
@@ -347,6 +354,16 @@ impl Store {
     /// disk has room: the agent stops, and its service manager starts it afresh.
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Makes every write so far durable. sled's own flush syncs its log with
+    /// `sync_file_range`, which leaves out the file's size and block map, and
+    /// writes its blob files (values over a quarter segment) with no sync at
+    /// all: a power cut could take an acknowledged write that grew the file
+    /// (the power-loss hw-test lost an `applied` event so).
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        sync_log(&self.dir).map_err(|e| StoreError::Sled(sled::Error::Io(e)))
     }
 
     fn write<T>(&self, mutation: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -424,7 +441,7 @@ impl Store {
                 })
                 .map_err(transaction_error)?;
             if stored {
-                self.db.flush()?;
+                self.flush()?;
                 let json = serde_json::to_vec_pretty(state).expect("a desired state serializes to JSON");
                 write_atomic(&self.snapshot, &json)
                     .map_err(|source| StoreError::WriteSnapshot { path: self.snapshot.clone(), source })?;
@@ -452,7 +469,7 @@ impl Store {
     pub fn set_rollback(&self, deployment: &str, rollback: &Rollback) -> Result<(), StoreError> {
         self.write(|| {
             self.rollbacks.insert(deployment.as_bytes(), encode(rollback))?;
-            self.db.flush()?;
+            self.flush()?;
             Ok(())
         })
     }
@@ -462,7 +479,7 @@ impl Store {
     pub fn push_report(&self, build: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, StoreError> {
         self.write(|| {
             let seq = self.reports.push(&self.meta, build)?;
-            self.db.flush()?;
+            self.flush()?;
             Ok(seq)
         })
     }
@@ -483,7 +500,7 @@ impl Store {
     pub fn ack_reports(&self, seq: u64) -> Result<(), StoreError> {
         self.write(|| {
             self.reports.ack(seq)?;
-            self.db.flush()?;
+            self.flush()?;
             Ok(())
         })
     }
@@ -497,7 +514,7 @@ impl Store {
     pub fn set_confirmed(&self, deployment: &str, revision: u64) -> Result<(), StoreError> {
         self.write(|| {
             self.confirmed.insert(deployment.as_bytes(), encode(&revision))?;
-            self.db.flush()?;
+            self.flush()?;
             Ok(())
         })
     }
@@ -512,7 +529,7 @@ impl Store {
     pub fn set_agent_update_handled(&self, origin: &UpdateOrigin) -> Result<(), StoreError> {
         self.write(|| {
             self.meta.insert(AGENT_UPDATE_KEY, encode(origin))?;
-            self.db.flush()?;
+            self.flush()?;
             Ok(())
         })
     }
@@ -559,7 +576,7 @@ impl Store {
                 }
                 self.events.entries.remove(oldest.to_be_bytes())?;
             }
-            self.db.flush()?;
+            self.flush()?;
             Ok(event)
         })
     }
@@ -583,7 +600,7 @@ impl Store {
     pub fn ack_events(&self, seq: u64) -> Result<(), StoreError> {
         self.write(|| {
             self.events.ack(seq)?;
-            self.db.flush()?;
+            self.flush()?;
             Ok(())
         })
     }
@@ -658,15 +675,19 @@ fn free_bytes(path: &Path) -> Option<u64> {
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, OpenFailure> {
     let config = sled::Config::new().path(dir).cache_capacity(cache_bytes).segment_size(segment_size(dir));
     let mut attempt = 1;
-    loop {
+    let db = loop {
         match config.open() {
             Err(sled::Error::Io(e)) if is_lock_error(&e) && attempt < LOCK_ATTEMPTS => {
                 attempt += 1;
                 std::thread::sleep(LOCK_RETRY_DELAY);
             }
-            result => return result.map_err(|e| classify_open_error(dir, e)),
+            result => break result.map_err(|e| classify_open_error(dir, e))?,
         }
-    }
+    };
+    // sled writes `conf` without an fsync, and the segment size in it is what
+    // the log must be read with: make it durable before anything is stored.
+    sync_conf(dir).map_err(|source| OpenFailure::Other(StoreError::SyncConf { dir: dir.to_path_buf(), source }))?;
+    Ok(db)
 }
 
 /// The segment size to open `dir` with: sled refuses any but the one a store
@@ -689,6 +710,27 @@ fn recorded_segment_size(conf: &[u8]) -> Option<usize> {
     conf.split(|b| *b == b'\n')
         .find_map(|line| line.strip_prefix(b"segment_size: "))
         .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+}
+
+/// fdatasync of sled's log and of its blob files, then of the blob
+/// directory, whose new entries are what make the blobs findable.
+fn sync_log(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir.join("db"))?.sync_data()?;
+    let blobs = dir.join("blobs");
+    let mut any = false;
+    for entry in std::fs::read_dir(&blobs)? {
+        std::fs::File::open(entry?.path())?.sync_data()?;
+        any = true;
+    }
+    if any {
+        std::fs::File::open(&blobs)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn sync_conf(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir.join("conf"))?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn classify_open_error(dir: &Path, e: sled::Error) -> OpenFailure {

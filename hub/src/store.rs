@@ -2,7 +2,7 @@
 //! states and their events. Values are JSON, so an operator can read them.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -136,6 +136,8 @@ struct Flushes {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// The store's directory, for `flush`'s fsyncs.
+    dir: Arc<PathBuf>,
     flushes: Arc<Flushes>,
     devices: sled::Tree,
     desired: sled::Tree,
@@ -186,6 +188,22 @@ pub struct Source {
     pub held: BTreeMap<String, u64>,
 }
 
+/// fdatasync of sled's log and blob files, then of the blob directory,
+/// whose new entries are what make the blobs findable.
+fn sync_log(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir.join("db"))?.sync_data()?;
+    let blobs = dir.join("blobs");
+    let mut any = false;
+    for entry in std::fs::read_dir(&blobs)? {
+        std::fs::File::open(entry?.path())?.sync_data()?;
+        any = true;
+    }
+    if any {
+        std::fs::File::open(&blobs)?.sync_all()?;
+    }
+    Ok(())
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).cache_capacity(CACHE_CAPACITY).open()?;
@@ -205,13 +223,18 @@ impl Store {
             parent_revisions: db.open_tree("parent_revisions")?,
             composing: Arc::default(),
             db,
+            dir: Arc::new(dir.to_path_buf()),
             flushes: Arc::default(),
         })
     }
 
     /// Makes everything written so far durable: done before acknowledging it
     /// to anyone. Callers that come while a flush runs share the next one.
-    /// Durable through a power cut with our sled patch (third_party/sled).
+    ///
+    /// sled's own flush syncs its log with `sync_file_range`, which leaves out
+    /// the file's size and block map, and its blob files not at all: the
+    /// fdatasyncs after it are what keep a write through a power cut (the
+    /// agent's store lost an acknowledged write without them).
     ///
     /// Not sled's `flush_async`: concurrent calls of it deadlock in 0.34
     /// (spacejam/sled#1308, fixed after the last release).
@@ -223,8 +246,13 @@ impl Store {
             return Ok(());
         }
         let number = self.flushes.started.fetch_add(1, Ordering::SeqCst) + 1;
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush()).await.expect("sled's flush does not panic")?;
+        let (db, dir) = (self.db.clone(), self.dir.clone());
+        tokio::task::spawn_blocking(move || {
+            db.flush()?;
+            sync_log(&dir).map_err(sled::Error::Io)
+        })
+        .await
+        .expect("sled's flush does not panic")?;
         *done = number;
         Ok(())
     }

@@ -678,10 +678,6 @@ impl Config {
         io_fail!(self, "write_config crc");
         f.write_all(&crc_arr)?;
         io_fail!(self, "write_config post");
-        // Outpost patch: the segment size in `conf` is what the log must be
-        // read with; durable with the directory entry (OUTPOST-PATCHES.md).
-        f.sync_all()?;
-        fs::File::open(self.get_path())?.sync_all()?;
         Ok(())
     }
 

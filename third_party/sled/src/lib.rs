@@ -91,12 +91,9 @@
     missing_copy_implementations,
     trivial_casts,
     trivial_numeric_casts,
-    unsafe_code
+    unsafe_code,
+    unused_qualifications
 )]
-// Outpost patch: built as a path dependency, sled is linted as our own code
-// (crates.io's are capped): today's rustc warns of its 2020 code, and denied
-// `unused_qualifications` above, which it now reports in sled (OUTPOST-PATCHES.md).
-#![allow(warnings)]
 #![deny(
     // over time, consider enabling the commented-out lints below
     clippy::cast_lossless,

@@ -90,15 +90,12 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)?;
-    // Outpost patch: the blob and its directory entry are durable before
-    // the log that points at it can be (OUTPOST-PATCHES.md).
-    f.sync_all()?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    trace!("successfully wrote blob at {:?}", path);
-    Ok(())
+    f.write_all(&data)
+        .map(|r| {
+            trace!("successfully wrote blob at {:?}", path);
+            r
+        })
+        .map_err(|e| e.into())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
