@@ -360,7 +360,10 @@ impl Store {
     /// `sync_file_range`, which leaves out the file's size and block map, and
     /// writes its blob files (values over a quarter segment) with no sync at
     /// all: a power cut could take an acknowledged write that grew the file
-    /// (the power-loss hw-test lost an `applied` event so).
+    /// (the power-loss hw-test lost an `applied` event so). Done here, after
+    /// sled's flush, not by patching sled to fdatasync in its write path: that
+    /// was tried, and made the daemon's memory grow under churn again
+    /// (docs/benchmarks.md). The hub's store does the same.
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         sync_log(&self.dir).map_err(|e| StoreError::Sled(sled::Error::Io(e)))

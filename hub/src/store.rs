@@ -234,7 +234,8 @@ impl Store {
     /// sled's own flush syncs its log with `sync_file_range`, which leaves out
     /// the file's size and block map, and its blob files not at all: the
     /// fdatasyncs after it are what keep a write through a power cut (the
-    /// agent's store lost an acknowledged write without them).
+    /// agent's store lost an acknowledged write without them). The same as
+    /// the agent's store (edge-agent/src/store.rs says why not in sled).
     ///
     /// Not sled's `flush_async`: concurrent calls of it deadlock in 0.34
     /// (spacejam/sled#1308, fixed after the last release).
